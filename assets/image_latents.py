@@ -1,0 +1,27 @@
+from dagster import AssetExecutionContext, DataVersion, MaterializeResult, MetadataValue, asset
+
+from chroma_pipeline.steps import build_latents
+from resources import ArtifactStore, ChromaConfigResource, GPUResource
+
+from ._metadata import markdown_table
+from .raw_dataset import raw_dataset
+
+
+@asset(deps=[raw_dataset], group_name="chroma", kinds={"safetensors", "pytorch"})
+def image_latents(
+    context: AssetExecutionContext, chroma: ChromaConfigResource, store: ArtifactStore, gpu: GPUResource
+) -> MaterializeResult:
+    """VAE latents of every usable image in its aspect bucket; only new or changed images are encoded."""
+    config = chroma.load(context.log)
+    result = build_latents(config, store.layout(config), gpu.info(), log=context.log.info)
+    buckets = result.stats["buckets"]
+    return MaterializeResult(
+        data_version=DataVersion(result.data_version),
+        metadata={
+            "samples": result.stats["samples"],
+            "encoded now": result.stats["encoded"],
+            "reused from cache": result.stats["reused"],
+            "buckets": markdown_table(["bucket (w x h)", "images"], [[b, n] for b, n in buckets.items()]),
+            "index": MetadataValue.path(str(result.path)),
+        },
+    )

@@ -1,0 +1,31 @@
+from dagster import AssetExecutionContext, DataVersion, MaterializeResult, MetadataValue, asset
+
+from chroma_pipeline.steps import build_grid
+from resources import ArtifactStore, ChromaConfigResource, GPUResource
+
+from ._metadata import image_markdown
+from .lora_adapter import lora_adapter
+from .quantized_base_model import quantized_base_model
+from .text_embeddings import text_embeddings
+
+
+@asset(deps=[lora_adapter, quantized_base_model, text_embeddings], group_name="chroma", kinds={"png"})
+def validation_grid(
+    context: AssetExecutionContext, chroma: ChromaConfigResource, store: ArtifactStore, gpu: GPUResource
+) -> MaterializeResult:
+    """Validation prompts x seeds, base model beside the LoRA, rendered with diffusers' ChromaPipeline."""
+    config = chroma.load(context.log)
+    result = build_grid(config, store.layout(config), gpu.info(), log=context.log.info)
+    for cell in result.stats["blank_cells"]:
+        context.log.warning(f"blank or black validation image: {cell}")
+    return MaterializeResult(
+        data_version=DataVersion(result.data_version),
+        metadata={
+            "grid": image_markdown(result.path, "validation grid"),
+            "grid path": MetadataValue.path(str(result.path)),
+            "images": result.stats["cells"],
+            "blank images": len(result.stats["blank_cells"]),
+            "guidance_scale": config.validation_guidance_real,
+            "steps": config.validation_num_inference_steps,
+        },
+    )

@@ -1,0 +1,59 @@
+"""Aspect buckets: every image is resized to cover its bucket, then centre-cropped.
+
+Bucket sides are multiples of 64: the VAE downsamples by 8 and the transformer packs
+2x2 latent patches, and 64 keeps every Chroma resolution on the same grid.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+BUCKET_STEP = 64
+MEGAPIXEL = 1024 * 1024  # resolution_type "area": 1.0 means a 1024x1024 budget
+
+
+def _snap(value: float) -> int:
+    return max(BUCKET_STEP, int(round(value / BUCKET_STEP)) * BUCKET_STEP)
+
+
+def bucket_for(width: int, height: int, resolution: float, resolution_type: str) -> tuple[int, int]:
+    """The (width, height) bucket of an image.
+
+    - pixel: the shorter edge becomes `resolution`, the longer keeps the aspect ratio.
+    - pixel_area: the pixel count of a `resolution` x `resolution` square, at the image's aspect ratio.
+    - area: `resolution` megapixels, at the image's aspect ratio.
+    """
+    aspect = round(width / height, 2)  # rounded so near-identical ratios share a bucket
+    if resolution_type == "pixel":
+        short = int(resolution)
+        return (_snap(short * aspect), short) if aspect >= 1 else (short, _snap(short / aspect))
+    area = resolution * resolution if resolution_type == "pixel_area" else resolution * MEGAPIXEL
+    return _snap(math.sqrt(area * aspect)), _snap(math.sqrt(area / aspect))
+
+
+def load_rgb(path) -> Image.Image:
+    with Image.open(path) as image:
+        return ImageOps.exif_transpose(image).convert("RGB")
+
+
+def fit_to_bucket(image: Image.Image, bucket: tuple[int, int]) -> Image.Image:
+    """Scale so the image covers the bucket, then crop the overflow equally from both sides."""
+    target_w, target_h = bucket
+    scale = max(target_w / image.width, target_h / image.height)
+    resized = image.resize(
+        (max(target_w, round(image.width * scale)), max(target_h, round(image.height * scale))),
+        Image.Resampling.LANCZOS,
+    )
+    left = (resized.width - target_w) // 2
+    top = (resized.height - target_h) // 2
+    return resized.crop((left, top, left + target_w, top + target_h))
+
+
+def to_model_input(image: Image.Image) -> torch.Tensor:
+    """HWC uint8 -> CHW float in [-1, 1], what the VAE expects."""
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()

@@ -1,0 +1,200 @@
+"""The typed training config.
+
+It reads the JSON (comments allowed) that SimpleTuner users already have for Chroma:
+the quickstart's keys keep their names and defaults. Unknown keys are reported in one
+warning; a bad value stops everything before any model is loaded, with a message that
+names the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import json5
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+FLAVOUR_REPOS = {
+    "base": "lodestones/Chroma1-Base",
+    "hd": "lodestones/Chroma1-HD",
+    "flash": "lodestones/Chroma1-Flash",
+}
+FLAVOURS = (*FLAVOUR_REPOS, "tiny")
+
+# Keys SimpleTuner accepts that mean nothing for Chroma here; reported, never fatal.
+NO_EFFECT_KEYS = {
+    "flux_fast_schedule": "Chroma has its own tail sampling",
+    "flux_guidance_mode": "Chroma trains no guidance embedding",
+    "flow_schedule_shift": "the Chroma sigma remap replaces schedule shift",
+    "flow_schedule_auto_shift": "the Chroma sigma remap replaces schedule shift",
+}
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message says which key and what to do."""
+
+
+class ChromaConfig(BaseModel):
+    model_config = ConfigDict(extra="allow", validate_assignment=True, frozen=True)
+
+    # --- model -------------------------------------------------------------------
+    model_type: Literal["lora"] = "lora"
+    model_family: Literal["chroma"] = "chroma"
+    model_flavour: Literal["base", "hd", "flash", "tiny"] = "base"
+    pretrained_model_name_or_path: str | None = None
+    revision: str | None = None
+    base_model_precision: Literal[
+        "no_change", "int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto", "nf4-bnb", "int8-bnb"
+    ] = "no_change"
+    offload_during_startup: bool = False
+
+    # --- data ----------------------------------------------------------------------
+    instance_data_dir: str = "datasets/chroma"
+    output_dir: str = "chroma-output"
+    # pixel / pixel_area: pixels (a multiple of 64); area: megapixels, 1.0 = 1024x1024
+    resolution: float = Field(1024, gt=0)
+    resolution_type: Literal["pixel", "area", "pixel_area"] = "pixel_area"
+    tokenizer_max_length: int = Field(512, ge=8, le=512)
+    flux_t5_padding: Literal["unmodified", "zero"] = "unmodified"
+    caption_dropout_probability: float = Field(0.0, ge=0.0, lt=1.0)
+    vae_batch_size: int = Field(4, ge=1)
+
+    # --- LoRA and optimisation ----------------------------------------------------
+    network_rank: int = Field(16, ge=1)
+    lora_alpha: float | None = Field(None, gt=0)
+    flux_lora_target: Literal["all", "all+ffs", "context", "context+ffs", "tiny", "nano"] = "all"
+    learning_rate: float = Field(1e-4, gt=0)
+    lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear"] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    train_batch_size: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_train_steps: int = Field(1000, ge=1)
+    mixed_precision: Literal["bf16", "fp16", "no"] = "bf16"
+    gradient_checkpointing: bool = True
+    seed: int = 42
+    checkpointing_steps: int = Field(500, ge=1)
+
+    # --- validation ---------------------------------------------------------------
+    validation_prompt: str | list[str] = "a photo of a cat"
+    validation_negative_prompt: str = ""
+    validation_seed: int | list[int] = 42
+    validation_guidance_real: float = Field(1.0, ge=1.0)
+    validation_num_inference_steps: int = Field(20, ge=1)
+    validation_resolution: int | None = Field(None, ge=64)
+
+    @field_validator("validation_resolution")
+    @classmethod
+    def _multiple_of_64(cls, value: int | None) -> int | None:
+        if value is not None and value % 64:
+            raise ValueError(f"must be a multiple of 64 (got {value}; try {max(64, round(value / 64) * 64)})")
+        return value
+
+    @model_validator(mode="after")
+    def _resolution_matches_type(self):
+        if self.resolution_type == "area":
+            if self.resolution > 16:
+                raise ValueError(
+                    f"`resolution` = {self.resolution:g} with resolution_type 'area' means megapixels; "
+                    "use e.g. 1.0 (about 1024x1024), or resolution_type 'pixel_area' for a side in pixels"
+                )
+        elif self.resolution % 64 or self.resolution < 64:
+            suggestion = max(64, round(self.resolution / 64) * 64)
+            raise ValueError(
+                f"`resolution` = {self.resolution:g} must be a multiple of 64 pixels for resolution_type "
+                f"{self.resolution_type!r} (try {suggestion}), or set resolution_type 'area' for megapixels"
+            )
+        return self
+
+    @field_validator("validation_prompt", "validation_seed")
+    @classmethod
+    def _not_empty(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("must not be an empty list")
+        return value
+
+    # --- derived values --------------------------------------------------------------
+    @property
+    def unknown_keys(self) -> list[str]:
+        return sorted(k for k in (self.model_extra or {}) if k not in NO_EFFECT_KEYS)
+
+    @property
+    def lora_alpha_value(self) -> float:
+        return float(self.lora_alpha if self.lora_alpha is not None else self.network_rank)
+
+    @property
+    def validation_prompts(self) -> list[str]:
+        return [self.validation_prompt] if isinstance(self.validation_prompt, str) else list(self.validation_prompt)
+
+    @property
+    def validation_seeds(self) -> list[int]:
+        return [self.validation_seed] if isinstance(self.validation_seed, int) else list(self.validation_seed)
+
+    @property
+    def validation_size(self) -> int:
+        if self.validation_resolution:
+            return self.validation_resolution
+        if self.resolution_type == "area":
+            return max(64, round((self.resolution**0.5) * 1024 / 64) * 64)
+        return int(self.resolution)
+
+    @property
+    def model_source(self) -> str:
+        """What to load: an explicit path or repo id wins over the flavour's repo."""
+        if self.pretrained_model_name_or_path:
+            return self.pretrained_model_name_or_path
+        return FLAVOUR_REPOS.get(self.model_flavour, "tiny")
+
+    def settings_hash(self, *keys: str) -> str:
+        """A short stable hash of the named settings: the part of a cache key a setting owns."""
+        values = {key: getattr(self, key) for key in sorted(keys)}
+        return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    value = error.get("input")
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "literal_error":
+        allowed = error["ctx"]["expected"]
+        return f"`{key}` = {value!r} is not allowed; allowed values: {allowed}"
+    return f"`{key}` = {value!r}: {message}"
+
+
+def config_from_dict(values: dict[str, Any], source: str = "config") -> ChromaConfig:
+    try:
+        config = ChromaConfig(**values)
+    except ValidationError as exc:
+        problems = "\n  ".join(_describe(error) for error in exc.errors())
+        raise ConfigError(f"{source}: invalid settings:\n  {problems}") from None
+    if config.unknown_keys:
+        warnings.warn(
+            f"{source}: unknown keys ignored: {', '.join(config.unknown_keys)} "
+            "(check the spelling; see README 'Config keys')",
+            stacklevel=2,
+        )
+    no_effect = sorted(k for k in (config.model_extra or {}) if k in NO_EFFECT_KEYS)
+    for key in no_effect:
+        warnings.warn(f"{source}: `{key}` has no effect: {NO_EFFECT_KEYS[key]}", stacklevel=2)
+    return config
+
+
+def load_config(path: str | Path, **overrides: Any) -> ChromaConfig:
+    """Read a JSON/JSONC config file; relative data and output paths resolve against its folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (run `chroma-demo` for an example, or set CHROMA_CONFIG)")
+    try:
+        values = json5.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ConfigError(f"{path}: not valid JSON (comments are allowed): {exc}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: the top level must be an object of key: value pairs")
+    values.update(overrides)
+    for key in ("instance_data_dir", "output_dir"):
+        if key in values and isinstance(values[key], str) and not Path(values[key]).is_absolute():
+            values[key] = str((path.parent / values[key]).resolve())
+    return config_from_dict(values, source=str(path))

@@ -1,0 +1,137 @@
+"""VAE latents per sample, cached by what decides them.
+
+An entry's key is image content hash + bucket + crop + VAE identity + dtype, so a
+replaced image, a new bucket or another VAE gets a new entry and an unchanged image is
+never encoded twice. Entries store the VAE posterior's mean and std (unscaled), so
+training can draw a fresh latent each time; the Chroma scaling is applied on use.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from .buckets import bucket_for, fit_to_bucket, load_rgb, to_model_input
+from .dataset import ManifestRow
+from .storage import atomic_path, combine_hashes, load_tensors_checked, save_tensors_atomic
+
+CROP_STYLE = "center"
+VAE_DOWNSCALE = 8
+
+
+@dataclass
+class LatentEntry:
+    path: str
+    image_sha256: str
+    bucket_width: int
+    bucket_height: int
+    cache_key: str
+
+
+def latent_cache_key(image_sha256: str, bucket: tuple[int, int], vae_identity: str, dtype: torch.dtype) -> str:
+    return combine_hashes(image_sha256, f"{bucket[0]}x{bucket[1]}", CROP_STYLE, vae_identity, str(dtype))
+
+
+def entry_file(cache_dir: Path, key: str) -> Path:
+    return Path(cache_dir) / key[:2] / f"{key}.safetensors"
+
+
+def scale_latents(latents: torch.Tensor, shift_factor: float, scaling_factor: float) -> torch.Tensor:
+    """Map raw VAE latents into the space the Chroma transformer was trained on."""
+    return (latents - shift_factor) * scaling_factor
+
+
+def _is_valid(entry: LatentEntry, latent_channels: int):
+    shape = (latent_channels, entry.bucket_height // VAE_DOWNSCALE, entry.bucket_width // VAE_DOWNSCALE)
+
+    def check(tensors: dict[str, torch.Tensor]) -> bool:
+        return all(
+            name in tensors and tuple(tensors[name].shape) == shape and torch.isfinite(tensors[name]).all()
+            for name in ("mean", "std")
+        )
+
+    return check
+
+
+def load_latent_entry(cache_dir: Path, entry: LatentEntry, latent_channels: int) -> dict[str, torch.Tensor] | None:
+    """The cached mean/std, or None when missing or not trustworthy (truncated, wrong shape, NaN)."""
+    return load_tensors_checked(entry_file(cache_dir, entry.cache_key), _is_valid(entry, latent_channels))
+
+
+@torch.no_grad()
+def encode_dataset(
+    rows: list[ManifestRow],
+    dataset_root: Path,
+    cache_dir: Path,
+    load_vae,
+    latent_channels: int,
+    vae_identity: str,
+    resolution: float,
+    resolution_type: str,
+    device: str,
+    dtype: torch.dtype,
+    batch_size: int = 4,
+    log=print,
+) -> tuple[list[LatentEntry], dict[str, int]]:
+    """Make sure every row has a valid cache entry; encode only those that do not.
+
+    `load_vae` is called only when something needs encoding, so a warm cache costs no model load.
+    """
+    entries = []
+    for row in rows:
+        bucket = bucket_for(row.width, row.height, resolution, resolution_type)
+        key = latent_cache_key(row.image_sha256, bucket, vae_identity, dtype)
+        entries.append(LatentEntry(row.path, row.image_sha256, bucket[0], bucket[1], key))
+
+    missing = [e for e in entries if load_latent_entry(cache_dir, e, latent_channels) is None]
+    # Two rows can share a key only if they are the same image; encode it once.
+    missing = list({e.cache_key: e for e in missing}.values())
+
+    by_bucket: dict[tuple[int, int], list[LatentEntry]] = defaultdict(list)
+    for entry in missing:
+        by_bucket[(entry.bucket_width, entry.bucket_height)].append(entry)
+
+    encoded = 0
+    vae = load_vae() if missing else None
+    for bucket, bucket_entries in sorted(by_bucket.items()):
+        for start in range(0, len(bucket_entries), batch_size):
+            batch = bucket_entries[start : start + batch_size]
+            pixels = torch.stack([to_model_input(fit_to_bucket(load_rgb(dataset_root / e.path), bucket)) for e in batch])
+            posterior = vae.encode(pixels.to(device=device, dtype=dtype)).latent_dist
+            for i, entry in enumerate(batch):
+                save_tensors_atomic(
+                    entry_file(cache_dir, entry.cache_key),
+                    {"mean": posterior.mean[i], "std": posterior.std[i]},
+                    metadata={"image_sha256": entry.image_sha256, "bucket": f"{bucket[0]}x{bucket[1]}"},
+                )
+            encoded += len(batch)
+            log(f"encoded {encoded}/{len(missing)} images (bucket {bucket[0]}x{bucket[1]})")
+    return entries, {"encoded": encoded, "reused": len(entries) - encoded}
+
+
+def write_latent_index(entries: list[LatentEntry], path: Path) -> None:
+    table = pa.Table.from_pylist([asdict(e) for e in entries], schema=_INDEX_SCHEMA)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def read_latent_index(path: Path) -> list[LatentEntry]:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no latent index at {path}: materialize image_latents first")
+    return [LatentEntry(**row) for row in pq.read_table(path).to_pylist()]
+
+
+_INDEX_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("image_sha256", pa.string()),
+        ("bucket_width", pa.int32()),
+        ("bucket_height", pa.int32()),
+        ("cache_key", pa.string()),
+    ]
+)

@@ -1,0 +1,108 @@
+"""Where the Chroma weights come from, and loading each component from there.
+
+Every source ends up as a local folder in the diffusers layout (model_index.json,
+transformer/, vae/, text_encoder/, tokenizer/, scheduler/) and every component is
+loaded from that folder with `from_pretrained(..., use_safetensors=True)`: the tiny
+flavour goes through exactly the code the real checkpoints use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from .config import ChromaConfig
+from .tiny import build_tiny_chroma
+
+COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+# Only what the pipeline needs, and only safetensors: nothing gets unpickled.
+_ALLOW = ["model_index.json", *(f"{name}/*" for name in COMPONENTS)]
+_NEVER = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.msgpack", "*.onnx*"]
+
+
+class ModelSourceError(RuntimeError):
+    pass
+
+
+def resolve_model_dir(config: ChromaConfig, models_root: Path) -> Path:
+    """A local diffusers folder for the configured model, downloading it if needed.
+
+    `tiny` is built under `models_root`; a local folder is used as is; a Hugging Face
+    id is fetched into the Hugging Face cache (HF_ENDPOINT and HF_HUB_OFFLINE apply).
+    """
+    source = config.model_source
+    if source == "tiny":
+        return build_tiny_chroma(Path(models_root) / "tiny")
+    local = Path(source).expanduser()
+    if local.exists():
+        if not (local / "model_index.json").is_file():
+            raise ModelSourceError(
+                f"pretrained_model_name_or_path={source!r} is a folder without model_index.json; "
+                "point it at a diffusers-layout Chroma folder (the one holding transformer/, vae/, text_encoder/)"
+            )
+        return local
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(source, revision=config.revision, allow_patterns=_ALLOW, ignore_patterns=_NEVER))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+        raise ModelSourceError(
+            f"could not get {source!r} from the Hugging Face Hub or its local cache ({type(exc).__name__}: {exc}). "
+            "Either allow network access (HF_ENDPOINT selects a mirror), run `huggingface-cli download "
+            f"{source}` on a machine that has it, or set pretrained_model_name_or_path to a local diffusers "
+            "folder. For an offline smoke test use model_flavour: tiny."
+        ) from None
+
+
+def component_identity(model_dir: Path, component: str) -> str:
+    """A short fingerprint of one component: its config plus the names and sizes of its weight files.
+
+    Cheap on a 17 GB checkpoint (nothing is read but the config), and it changes when
+    the checkpoint or its revision does, because the Hub cache keys folders by commit.
+    """
+    folder = Path(model_dir) / component
+    digest = hashlib.sha256(component.encode())
+    for path in sorted(folder.iterdir()):
+        if path.suffix == ".json":
+            digest.update(path.name.encode() + path.read_bytes())
+        elif path.suffix == ".safetensors":
+            digest.update(f"{path.name}:{path.stat().st_size}".encode())
+    return digest.hexdigest()[:16]
+
+
+def load_transformer(model_dir: Path, dtype: torch.dtype):
+    from diffusers import ChromaTransformer2DModel
+
+    return ChromaTransformer2DModel.from_pretrained(model_dir, subfolder="transformer", dtype=dtype, use_safetensors=True)
+
+
+def load_vae(model_dir: Path, dtype: torch.dtype):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(model_dir, subfolder="vae", dtype=dtype, use_safetensors=True)
+
+
+def load_text_encoder(model_dir: Path, dtype: torch.dtype):
+    from transformers import T5EncoderModel
+
+    return T5EncoderModel.from_pretrained(model_dir, subfolder="text_encoder", dtype=dtype, use_safetensors=True)
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import T5TokenizerFast
+
+    return T5TokenizerFast.from_pretrained(model_dir, subfolder="tokenizer")
+
+
+def load_scheduler(model_dir: Path):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler.from_pretrained(model_dir, subfolder="scheduler")
+
+
+def transformer_config(model_dir: Path) -> dict:
+    return json.loads((Path(model_dir) / "transformer" / "config.json").read_text())

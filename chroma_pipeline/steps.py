@@ -1,0 +1,345 @@
+"""The six pipeline steps as plain functions: what each Dagster asset calls.
+
+Each step reads the artifacts of the steps before it from the output folder, writes
+its own, and returns a result with a `data_version`: a hash of exactly what decides
+its content, so an unchanged input gives an unchanged version.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import models
+from .config import ChromaConfig
+from .dataset import ManifestRow, read_manifest, scan_dataset, usable, write_manifest
+from .device import DeviceInfo, seed_everything
+from .latents import encode_dataset, read_latent_index, write_latent_index
+from .quantize import BNB_PRECISIONS, is_complete, load_quantized, quantized_model_key, save_quantized
+from .storage import atomic_path, combine_hashes, write_json_atomic
+from .text import encode_texts, load_embedding, read_embedding_index, write_embedding_index
+
+TRAINING_KEYS = (
+    "network_rank", "lora_alpha", "flux_lora_target", "learning_rate", "lr_scheduler", "lr_warmup_steps",
+    "max_grad_norm", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "mixed_precision",
+    "seed", "caption_dropout_probability",
+)
+VALIDATION_KEYS = (
+    "validation_prompt", "validation_negative_prompt", "validation_seed", "validation_guidance_real",
+    "validation_num_inference_steps", "validation_resolution",
+)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where every artifact lives under `output_dir`."""
+
+    root: Path
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "dataset" / "manifest.parquet"
+
+    @property
+    def latent_dir(self) -> Path:
+        return self.root / "cache" / "latents"
+
+    @property
+    def latent_index(self) -> Path:
+        return self.root / "cache" / "latents_index.parquet"
+
+    @property
+    def embedding_dir(self) -> Path:
+        return self.root / "cache" / "text_embeddings"
+
+    @property
+    def embedding_index(self) -> Path:
+        return self.root / "cache" / "text_embeddings_index.parquet"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.root / "models"
+
+    def quantized_dir(self, key: str) -> Path:
+        return self.root / "models" / "quantized" / key
+
+    def adapter_dir(self, key: str) -> Path:
+        return self.root / "lora" / key
+
+    def grid_dir(self, key: str) -> Path:
+        return self.root / "validation" / key
+
+
+@dataclass
+class StepResult:
+    data_version: str
+    path: Path
+    stats: dict = field(default_factory=dict)
+
+
+# --- raw_dataset ---------------------------------------------------------------------
+
+
+def build_manifest(config: ChromaConfig, layout: Layout) -> tuple[StepResult, list[ManifestRow]]:
+    rows = scan_dataset(Path(config.instance_data_dir))
+    ok = usable(rows)
+    if not ok:
+        reasons = Counter(row.skip_reason for row in rows)
+        detail = ", ".join(f"{n} {reason}" for reason, n in reasons.items()) or "no image files found"
+        raise ValueError(
+            f"no usable sample in {config.instance_data_dir} ({detail}). Each image needs a caption file with the "
+            "same name and a .txt suffix (photo.jpg -> photo.txt)."
+        )
+    write_manifest(rows, layout.manifest)
+    version = combine_hashes(*sorted(f"{r.path}:{r.image_sha256}:{r.caption_sha256}" for r in ok))
+    return StepResult(version, layout.manifest, {"samples": len(ok), "skipped": len(rows) - len(ok)}), rows
+
+
+# --- image_latents -------------------------------------------------------------------
+
+
+def _model_dir(config: ChromaConfig, layout: Layout) -> Path:
+    return models.resolve_model_dir(config, layout.models_dir)
+
+
+def _vae_config(model_dir: Path):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.load_config(model_dir, subfolder="vae")
+
+
+def build_latents(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=print) -> StepResult:
+    rows = usable(read_manifest(layout.manifest))
+    model_dir = _model_dir(config, layout)
+    dtype = device.compute_dtype(config.mixed_precision)
+
+    def load_vae():
+        log(f"loading VAE from {model_dir}")
+        return models.load_vae(model_dir, dtype).to(device.torch_device).eval()
+
+    entries, stats = encode_dataset(
+        rows, Path(config.instance_data_dir), layout.latent_dir, load_vae,
+        latent_channels=_vae_config(model_dir)["latent_channels"],
+        vae_identity=models.component_identity(model_dir, "vae"),
+        resolution=config.resolution, resolution_type=config.resolution_type,
+        device=device.torch_device, dtype=dtype, batch_size=config.vae_batch_size, log=log,
+    )
+    device.empty_cache()
+    write_latent_index(entries, layout.latent_index)
+    buckets = Counter(f"{e.bucket_width}x{e.bucket_height}" for e in entries)
+    stats.update(samples=len(entries), buckets=dict(sorted(buckets.items())))
+    return StepResult(combine_hashes(*sorted(f"{e.path}:{e.cache_key}" for e in entries)), layout.latent_index, stats)
+
+
+# --- text_embeddings -----------------------------------------------------------------
+
+
+def texts_to_encode(config: ChromaConfig, rows: list[ManifestRow]) -> list[tuple[str, str]]:
+    """Captions, the empty caption (for caption dropout and CFG), validation and negative prompts."""
+    texts = [("caption", row.caption) for row in rows]
+    texts.append(("empty", ""))
+    texts += [("validation", prompt) for prompt in config.validation_prompts]
+    texts.append(("negative", config.validation_negative_prompt))
+    return texts
+
+
+def _text_width(model_dir: Path) -> int:
+    return json.loads((model_dir / "text_encoder" / "config.json").read_text())["d_model"]
+
+
+def build_embeddings(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=print) -> StepResult:
+    rows = usable(read_manifest(layout.manifest))
+    model_dir = _model_dir(config, layout)
+    dtype = device.compute_dtype(config.mixed_precision)
+
+    def load_encoder():
+        log(f"loading T5 text encoder from {model_dir}")
+        encoder = models.load_text_encoder(model_dir, dtype).to(device.torch_device).eval()
+        return models.load_tokenizer(model_dir), encoder
+
+    entries, stats = encode_texts(
+        texts_to_encode(config, rows), layout.embedding_dir, load_encoder,
+        width=_text_width(model_dir),
+        encoder_identity=models.component_identity(model_dir, "text_encoder")
+        + models.component_identity(model_dir, "tokenizer"),
+        max_length=config.tokenizer_max_length, padding=config.flux_t5_padding,
+        device=device.torch_device, dtype=dtype, log=log,
+    )
+    device.empty_cache()  # the encoder went out of scope with encode_texts; give its memory back now
+    write_embedding_index(entries, layout.embedding_index)
+    stats["distinct_texts"] = len({e.cache_key for e in entries})
+    return StepResult(combine_hashes(*sorted(f"{e.role}:{e.cache_key}" for e in entries)), layout.embedding_index, stats)
+
+
+# --- quantized_base_model ------------------------------------------------------------
+
+
+def quantized_key(config: ChromaConfig, layout: Layout, device: DeviceInfo) -> str:
+    model_dir = _model_dir(config, layout)
+    identity = models.component_identity(model_dir, "transformer")
+    return quantized_model_key(identity, config.base_model_precision, device.compute_dtype(config.mixed_precision))
+
+
+def build_quantized(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=print) -> StepResult:
+    precision = config.base_model_precision
+    model_dir = _model_dir(config, layout)
+    if precision in BNB_PRECISIONS:
+        device.require_backend("bitsandbytes", precision)
+        raise NotImplementedError(
+            f"base_model_precision={precision!r} is not supported by this version yet; "
+            "use int8-quanto or int4-quanto (similar memory, any device)"
+        )
+    if precision == "no_change":
+        identity = models.component_identity(model_dir, "transformer")
+        return StepResult(identity, model_dir / "transformer", {"precision": precision, "reused": True})
+
+    key = quantized_key(config, layout, device)
+    folder = layout.quantized_dir(key)
+    if is_complete(folder):
+        log(f"reusing quantized transformer {folder}")
+        manifest = json.loads((folder / "manifest.json").read_text())
+        return StepResult(key, folder, {**manifest, "reused": True})
+
+    dtype = device.compute_dtype(config.mixed_precision)
+    log(f"loading transformer from {model_dir} to quantize it to {precision}")
+    transformer = models.load_transformer(model_dir, dtype)
+    device.reset_peak_memory()
+    source = {"source": str(config.model_source), "revision": config.revision or "", "dtype": str(dtype)}
+    manifest = save_quantized(transformer, precision, folder, source)
+    log(f"saved {precision} transformer to {folder} ({manifest['bytes'] / 2**20:.1f} MiB)")
+    return StepResult(key, folder, {**manifest, "reused": False})
+
+
+def load_base_transformer(config: ChromaConfig, layout: Layout, device: DeviceInfo):
+    """The transformer as quantized_base_model saved it; never quantizes again."""
+    if config.base_model_precision == "no_change":
+        dtype = device.compute_dtype(config.mixed_precision)
+        return models.load_transformer(_model_dir(config, layout), dtype).to(device.torch_device)
+    return load_quantized(layout.quantized_dir(quantized_key(config, layout, device)), device.torch_device)
+
+
+# --- lora_adapter --------------------------------------------------------------------
+
+
+def adapter_key(config: ChromaConfig, layout: Layout, device: DeviceInfo, latents_version: str, text_version: str) -> str:
+    return combine_hashes(
+        latents_version, text_version, quantized_key(config, layout, device), config.settings_hash(*TRAINING_KEYS)
+    )
+
+
+def current_versions(layout: Layout) -> tuple[str, str]:
+    """Data versions of the latent and embedding caches as they are on disk now."""
+    latents = read_latent_index(layout.latent_index)
+    texts = read_embedding_index(layout.embedding_index)
+    return (
+        combine_hashes(*sorted(f"{e.path}:{e.cache_key}" for e in latents)),
+        combine_hashes(*sorted(f"{e.role}:{e.cache_key}" for e in texts)),
+    )
+
+
+def build_adapter(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=print) -> StepResult:
+    from .train import TrainingSample, train_lora
+
+    rows = {row.path: row for row in usable(read_manifest(layout.manifest))}
+    latents = read_latent_index(layout.latent_index)
+    texts = read_embedding_index(layout.embedding_index)
+    caption_keys = {e.text_sha256: e.cache_key for e in texts if e.role == "caption"}
+    empty_key = next(e.cache_key for e in texts if e.role == "empty")
+    samples = []
+    for entry in latents:
+        row = rows.get(entry.path)
+        if row is None or row.caption_sha256 not in caption_keys:
+            raise RuntimeError(
+                f"{entry.path}: caches are out of step with the dataset manifest; "
+                "re-materialize image_latents and text_embeddings"
+            )
+        samples.append(TrainingSample(entry, caption_keys[row.caption_sha256]))
+
+    key = adapter_key(config, layout, device, *current_versions(layout))
+    folder = layout.adapter_dir(key)
+    adapter = folder / "pytorch_lora_weights.safetensors"
+    if adapter.is_file() and (folder / "loss_history.json").is_file():
+        log(f"reusing trained adapter {folder}: same data, base model and settings")
+        losses = json.loads((folder / "loss_history.json").read_text())
+        return StepResult(key, adapter, {"steps": len(losses), "losses": losses, "reused": True})
+
+    model_dir = _model_dir(config, layout)
+    seed_everything(config.seed)
+    transformer = load_base_transformer(config, layout, device)
+    device.reset_peak_memory()
+    result = train_lora(
+        config, transformer, samples, empty_key, layout.latent_dir, layout.embedding_dir,
+        vae_config=_vae_config(model_dir), text_width=_text_width(model_dir), output_dir=folder,
+        device=device.torch_device, dtype=device.compute_dtype(config.mixed_precision), log=log,
+    )
+    stats = {
+        "steps": result.steps, "losses": result.losses, "seconds": result.seconds,
+        "trainable_parameters": result.trainable_parameters, "peak_memory_bytes": device.peak_memory_bytes(),
+        "reused": False,
+    }
+    return StepResult(key, adapter, stats)
+
+
+# --- validation_grid -----------------------------------------------------------------
+
+
+def build_grid(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=print) -> StepResult:
+    from .grid import adapter_is_active, assemble_grid, make_pipeline, render
+
+    key_adapter = adapter_key(config, layout, device, *current_versions(layout))
+    adapter = layout.adapter_dir(key_adapter) / "pytorch_lora_weights.safetensors"
+    if not adapter.is_file():
+        raise FileNotFoundError(f"no adapter for the current data and settings at {adapter}: materialize lora_adapter first")
+    key = combine_hashes(key_adapter, config.settings_hash(*VALIDATION_KEYS))
+    folder = layout.grid_dir(key)
+
+    model_dir = _model_dir(config, layout)
+    dtype = device.compute_dtype(config.mixed_precision)
+    texts = {(e.role, e.text): e.cache_key for e in read_embedding_index(layout.embedding_index)}
+    width = _text_width(model_dir)
+
+    def cached(role: str, text: str):
+        entry = load_embedding(layout.embedding_dir, texts[(role, text)], config.tokenizer_max_length, width)
+        if entry is None:
+            raise RuntimeError(f"embedding of the {role} prompt {text!r} is missing: re-materialize text_embeddings")
+        return entry["prompt_embeds"], entry["attention_mask"]
+
+    prompts = config.validation_prompts
+    embeddings = {prompt: cached("validation", prompt) for prompt in prompts}
+    negative = cached("negative", config.validation_negative_prompt)
+
+    transformer = load_base_transformer(config, layout, device).to(device.torch_device)
+    vae = models.load_vae(model_dir, dtype).to(device.torch_device)
+    pipe = make_pipeline(transformer, vae, models.load_scheduler(model_dir))
+    pipe.set_progress_bar_config(disable=True)
+    options = dict(
+        prompts=prompts, embeddings=embeddings, negative=negative, seeds=config.validation_seeds,
+        guidance=config.validation_guidance_real, steps=config.validation_num_inference_steps,
+        size=config.validation_size, device=device.torch_device,
+    )
+    log(f"rendering {len(prompts)} prompts x {len(config.validation_seeds)} seeds, base model")
+    cells = render(pipe, "base", **options)
+    # ChromaPipeline.load_lora_weights looks up `<layer>.weight` to reshape Flux LoRAs and
+    # raises KeyError on a quanto model (its weights are `weight._data`); the transformer's
+    # own loader is the step after that lookup and needs no base weight.
+    pipe.transformer.load_lora_adapter(str(adapter), prefix="transformer", adapter_name="validation")
+    if not adapter_is_active(pipe.transformer):
+        raise RuntimeError(f"{adapter} loaded but changed no layer of the transformer: its keys match nothing")
+    log("rendering with the LoRA")
+    cells += render(pipe, "lora", **options)
+
+    grid = assemble_grid(cells, prompts, config.validation_seeds, config.validation_guidance_real,
+                         config.validation_num_inference_steps)
+    folder.mkdir(parents=True, exist_ok=True)
+    for cell in cells:
+        cell.image.save(folder / f"{cell.variant}-p{prompts.index(cell.prompt)}-s{cell.seed}.png")
+    grid_path = folder / "grid.png"
+    with atomic_path(grid_path) as tmp:
+        grid.save(tmp, format="PNG")
+    blank = [f"{c.variant} / {c.prompt[:30]} / seed {c.seed}" for c in cells if c.is_blank]
+    write_json_atomic(folder / "grid.json", {"adapter": str(adapter), "blank_cells": blank, "cells": len(cells)})
+    return StepResult(key, grid_path, {"cells": len(cells), "blank_cells": blank, "adapter": str(adapter)})

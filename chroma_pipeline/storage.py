@@ -1,0 +1,75 @@
+"""Atomic file writes and content hashing: a cache entry is either complete or absent."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+
+@contextmanager
+def atomic_path(target: Path):
+    """Yield a temporary path beside `target`; rename it onto `target` only if the block succeeds."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_bytes_atomic(target: Path, data: bytes) -> None:
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json_atomic(target: Path, value) -> None:
+    write_bytes_atomic(target, json.dumps(value, indent=2, sort_keys=True, default=str).encode())
+
+
+def save_tensors_atomic(target: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
+    with atomic_path(target) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def load_tensors_checked(path: Path, expected: Callable[[dict[str, torch.Tensor]], bool] | None = None):
+    """Load a safetensors file, or return None when it is missing, truncated or fails `expected`."""
+    if not Path(path).is_file():
+        return None
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError):
+        return None
+    if expected is not None and not expected(tensors):
+        return None
+    return tensors
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def combine_hashes(*parts: str) -> str:
+    """One short hash naming a set of inputs; order matters, so callers pass sorted lists."""
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]

@@ -1,0 +1,196 @@
+"""LoRA training on cached latents and embeddings: one loop, the Chroma math in plain sight.
+
+Runs in-process under Dagster (`lora_adapter` calls `train_lora`) or on its own:
+
+    python -m chroma_pipeline.train --config my-config.jsonc
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .config import ChromaConfig
+from .flow import add_noise, flow_target, image_position_ids, pack_latents, predict_velocity, sample_sigmas
+from .latents import LatentEntry, load_latent_entry, scale_latents
+from .lora import lora_config, save_adapter
+from .text import load_embedding
+
+
+@dataclass
+class TrainingSample:
+    latent: LatentEntry
+    embedding_key: str
+
+
+@dataclass
+class TrainingResult:
+    adapter_path: Path
+    losses: list[float]
+    steps: int
+    seconds: float
+    trainable_parameters: int
+    peak_memory_bytes: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def bucket_batches(samples: list[TrainingSample], batch_size: int, seed: int):
+    """Endless batches, each from a single bucket; every sample appears once per epoch."""
+    by_bucket: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for index, sample in enumerate(samples):
+        by_bucket[(sample.latent.bucket_width, sample.latent.bucket_height)].append(index)
+    epoch = 0
+    while True:
+        rng = random.Random(seed * 1_000_003 + epoch)
+        batches = []
+        for bucket in sorted(by_bucket):
+            indices = by_bucket[bucket][:]
+            rng.shuffle(indices)
+            batches += [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+        rng.shuffle(batches)
+        yield from batches
+        epoch += 1
+
+
+def _load_batch(batch, samples, latent_dir, embedding_dir, vae_config, text_width, max_length, device, dtype, generator):
+    latents, embeds, masks = [], [], []
+    for index in batch:
+        sample = samples[index]
+        entry = load_latent_entry(latent_dir, sample.latent, vae_config["latent_channels"])
+        if entry is None:
+            raise RuntimeError(f"latent cache entry for {sample.latent.path} is missing or corrupt: re-materialize image_latents")
+        text = load_embedding(embedding_dir, sample.embedding_key, max_length, text_width)
+        if text is None:
+            raise RuntimeError(f"text embedding for {sample.latent.path} is missing or corrupt: re-materialize text_embeddings")
+        # A fresh draw from the VAE posterior each time: free augmentation, as the VAE intends.
+        eps = torch.randn(entry["std"].shape, generator=generator)
+        latents.append(entry["mean"].float() + entry["std"].float() * eps)
+        embeds.append(text["prompt_embeds"])
+        masks.append(text["attention_mask"])
+    x0 = scale_latents(torch.stack(latents), vae_config["shift_factor"], vae_config["scaling_factor"])
+    return x0.to(device, dtype), torch.stack(embeds).to(device, dtype), torch.stack(masks).to(device)
+
+
+def train_lora(
+    config: ChromaConfig,
+    transformer,
+    samples: list[TrainingSample],
+    empty_embedding_key: str,
+    latent_dir: Path,
+    embedding_dir: Path,
+    vae_config,
+    text_width: int,
+    output_dir: Path,
+    device: str,
+    dtype: torch.dtype,
+    log=print,
+    log_every: int = 10,
+) -> TrainingResult:
+    """Train a LoRA on `transformer` (quantized or not) and write it to `output_dir` atomically."""
+    from diffusers.optimization import get_scheduler
+
+    if not samples:
+        raise ValueError("no training samples: the dataset manifest has no usable images")
+    generator = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+
+    transformer.requires_grad_(False)
+    transformer.add_adapter(
+        lora_config(config.network_rank, config.lora_alpha_value, config.flux_lora_target,
+                    transformer.config.num_single_layers)
+    )
+    trainable = [p for p in transformer.parameters() if p.requires_grad]
+    for p in trainable:
+        p.data = p.data.float()  # LoRA weights train in fp32 even when the base computes in bf16/fp16
+    if config.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.to(device).train()
+
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=1e-2)
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=config.max_train_steps
+    )
+    scaler = torch.amp.GradScaler(enabled=dtype == torch.float16)
+    device_type = torch.device(device).type
+    batches = bucket_batches(samples, config.train_batch_size, config.seed)
+    load = dict(
+        samples=samples, latent_dir=latent_dir, embedding_dir=embedding_dir, vae_config=vae_config,
+        text_width=text_width, max_length=config.tokenizer_max_length, device=device, dtype=dtype, generator=generator,
+    )
+    empty = load_embedding(embedding_dir, empty_embedding_key, config.tokenizer_max_length, text_width)
+
+    losses: list[float] = []
+    started = time.perf_counter()
+    for step in range(1, config.max_train_steps + 1):
+        step_loss = 0.0
+        for _ in range(config.gradient_accumulation_steps):
+            x0, prompt_embeds, text_mask = _load_batch(next(batches), **load)
+            if config.caption_dropout_probability > 0:
+                drop = torch.rand(x0.shape[0], generator=generator) < config.caption_dropout_probability
+                prompt_embeds[drop] = empty["prompt_embeds"].to(device, dtype)
+                text_mask[drop] = empty["attention_mask"].to(device)
+
+            latents = pack_latents(x0)
+            noise = torch.randn(latents.shape, generator=generator).to(device, dtype)
+            sigmas = sample_sigmas(latents.shape[0], generator).to(device)
+            noisy = add_noise(latents, noise, sigmas)
+            target = flow_target(latents, noise)
+            image_ids = image_position_ids(x0.shape[2], x0.shape[3])
+
+            with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
+                velocity = predict_velocity(transformer, noisy, sigmas, prompt_embeds, text_mask, image_ids)
+            loss = F.mse_loss(velocity.float(), target.float()) / config.gradient_accumulation_steps
+            scaler.scale(loss).backward()
+            step_loss += loss.item()
+
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        if not math.isfinite(step_loss):
+            raise FloatingPointError(
+                f"loss became {step_loss} at step {step}: lower learning_rate (now {config.learning_rate}) "
+                "or use mixed_precision bf16 instead of fp16"
+            )
+        losses.append(step_loss)
+        if step % log_every == 0 or step == config.max_train_steps:
+            elapsed = time.perf_counter() - started
+            rate = step / elapsed
+            log(
+                f"step {step}/{config.max_train_steps} loss {step_loss:.4f} lr {lr_scheduler.get_last_lr()[0]:.2e} "
+                f"{rate:.2f} steps/s ETA {(config.max_train_steps - step) / rate:.0f}s"
+            )
+
+    transformer.eval()
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
+    try:
+        save_adapter(transformer, staging, config.network_rank, config.lora_alpha_value)
+        (staging / "loss_history.json").write_text(json.dumps(losses))
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        staging.rename(output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return TrainingResult(
+        adapter_path=output_dir / "pytorch_lora_weights.safetensors",
+        losses=losses,
+        steps=config.max_train_steps,
+        seconds=time.perf_counter() - started,
+        trainable_parameters=sum(p.numel() for p in trainable),
+    )

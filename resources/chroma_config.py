@@ -1,0 +1,27 @@
+import warnings
+
+from dagster import ConfigurableResource, InitResourceContext
+
+from chroma_pipeline.config import ChromaConfig, load_config
+
+
+class ChromaConfigResource(ConfigurableResource):
+    """The training config file: the same JSON drives the CLI, the UI and schedules.
+
+    It is read and validated when a run starts, so a bad value fails the run before
+    any asset loads a model.
+    """
+
+    config_path: str
+
+    def setup_for_execution(self, context: InitResourceContext) -> None:
+        self.load(context.log)
+
+    def load(self, log=None) -> ChromaConfig:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            config = load_config(self.config_path)
+        for warning in caught:
+            if log is not None:
+                log.warning(str(warning.message))
+        return config
