@@ -8,7 +8,6 @@ guidance against the negative prompt.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch

@@ -63,8 +63,12 @@ def lora_config(rank: int, alpha: float, preset: str, num_single_layers: int, dr
     )
 
 
-def save_adapter(transformer, folder: Path, rank: int, alpha: float) -> Path:
-    """Write `pytorch_lora_weights.safetensors` in the layout ChromaPipeline.load_lora_weights reads."""
+def save_adapter(transformer, folder: Path) -> Path:
+    """Write `pytorch_lora_weights.safetensors` in the layout ChromaPipeline.load_lora_weights reads.
+
+    The LoRA config travels in the file's metadata, so loaders get rank, alpha and targets
+    from it instead of guessing alpha from the tensor shapes.
+    """
     from diffusers import ChromaPipeline
     from peft.utils import get_peft_model_state_dict
 
@@ -74,6 +78,6 @@ def save_adapter(transformer, folder: Path, rank: int, alpha: float) -> Path:
     ChromaPipeline.save_lora_weights(
         folder,
         transformer_lora_layers=state,
-        transformer_lora_adapter_metadata={"r": rank, "lora_alpha": alpha},
+        transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
     )
     return folder / "pytorch_lora_weights.safetensors"

@@ -12,8 +12,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from . import models
 from .config import ChromaConfig
 from .dataset import ManifestRow, read_manifest, scan_dataset, usable, write_manifest

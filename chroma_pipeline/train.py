@@ -7,7 +7,6 @@ Runs in-process under Dagster (`lora_adapter` calls `train_lora`) or on its own:
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
@@ -180,7 +179,7 @@ def train_lora(
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
     try:
-        save_adapter(transformer, staging, config.network_rank, config.lora_alpha_value)
+        save_adapter(transformer, staging)
         (staging / "loss_history.json").write_text(json.dumps(losses))
         if output_dir.exists():
             shutil.rmtree(output_dir)

@@ -1,0 +1,38 @@
+"""Aspect-bucket arithmetic: sides on the 64-pixel grid, aspect ratio kept, area near the target."""
+
+import pytest
+from PIL import Image
+
+from chroma_pipeline.buckets import bucket_for, fit_to_bucket
+
+
+@pytest.mark.parametrize(
+    ("size", "resolution", "resolution_type", "bucket"),
+    [
+        ((1024, 1024), 1024, "pixel_area", (1024, 1024)),
+        ((3000, 2000), 1024, "pixel_area", (1280, 832)),  # sqrt(1024^2 * 1.5) = 1254 -> 1280; /1.5 -> 832
+        ((2000, 3000), 1024, "pixel_area", (832, 1280)),
+        ((3000, 2000), 512, "pixel", (768, 512)),  # shorter edge 512, longer 512 * 1.5
+        ((2000, 3000), 512, "pixel", (512, 768)),
+        ((4000, 3000), 1.0, "area", (1152, 896)),  # 1 MP at 4:3 = 1181 x 888, snapped to 64
+        ((640, 480), 256, "pixel_area", (320, 192)),  # 295 x 222: the 64 grid is coarse at small sizes
+    ],
+)
+def test_bucket_sizes(size, resolution, resolution_type, bucket):
+    assert bucket_for(*size, resolution, resolution_type) == bucket
+
+
+@pytest.mark.parametrize("aspect", [0.25, 0.5, 0.66, 0.8, 1.0, 1.33, 1.78, 2.4, 4.0])
+@pytest.mark.parametrize("resolution", [256, 512, 1024])
+def test_bucket_sides_are_multiples_of_64_and_area_stays_close(aspect, resolution):
+    width, height = bucket_for(round(1000 * aspect), 1000, resolution, "pixel_area")
+    assert width % 64 == 0 and height % 64 == 0
+    assert abs(width * height / resolution**2 - 1) < 0.35
+
+
+def test_fit_to_bucket_covers_then_center_crops():
+    image = Image.new("RGB", (300, 100), "red")
+    image.paste((0, 0, 255), (0, 0, 50, 100))  # a blue strip on the far left, cropped away
+    fitted = fit_to_bucket(image, (128, 128))
+    assert fitted.size == (128, 128)
+    assert fitted.getpixel((0, 64)) == (255, 0, 0)

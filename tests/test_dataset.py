@@ -1,0 +1,74 @@
+"""Scanning a dataset folder: every file accounted for, hashed by content."""
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from chroma_pipeline.dataset import read_manifest, scan_dataset, usable, write_manifest
+
+
+def _image(path: Path, size=(96, 64), colour="red", caption: str | None = "a red thing"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+    if caption is not None:
+        path.with_suffix(".txt").write_text(caption)
+
+
+def test_bad_files_are_skipped_with_a_reason_and_the_rest_kept(tmp_path):
+    root = tmp_path / "data"
+    _image(root / "good.png")
+    _image(root / "nested" / "also-good.jpg", colour="blue", caption="  a blue thing \n")
+    _image(root / "uncaptioned.png", colour="green", caption=None)
+    _image(root / "copy.png")  # same bytes as good.png
+    (root / "broken.png").write_bytes(Image.new("RGB", (8, 8)).tobytes()[:20])
+    (root / "broken.txt").write_text("broken")
+    outside = tmp_path / "elsewhere.png"
+    _image(outside, colour="white")
+    (root / "link.png").symlink_to(outside)
+    (root / "link.txt").write_text("a link")
+
+    rows = {row.path: row for row in scan_dataset(root)}
+    # copy.png sorts first, so it is the one kept and good.png the duplicate.
+    assert {path for path, row in rows.items() if row.status == "ok"} == {"copy.png", "nested/also-good.jpg"}
+    assert rows["good.png"].skip_reason == "duplicate of copy.png"
+    assert rows["uncaptioned.png"].skip_reason == "no caption"
+    assert rows["broken.png"].skip_reason == "unreadable"
+    assert rows["link.png"].skip_reason == "outside root"
+    assert rows["nested/also-good.jpg"].caption == "a blue thing"  # whitespace stripped
+
+
+def test_exif_rotation_is_applied_to_the_recorded_size(tmp_path):
+    image = Image.new("RGB", (120, 60))
+    exif = image.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees": a portrait photo stored sideways
+    image.save(tmp_path / "phone.jpg", exif=exif)
+    (tmp_path / "phone.txt").write_text("a phone photo")
+    (row,) = scan_dataset(tmp_path)
+    assert (row.width, row.height) == (60, 120)
+
+
+def test_hashes_follow_content_not_names_or_mtimes(tmp_path):
+    _image(tmp_path / "a.png")
+    before = usable(scan_dataset(tmp_path))[0]
+    (tmp_path / "a.png").rename(tmp_path / "b.png")
+    (tmp_path / "a.txt").rename(tmp_path / "b.txt")
+    after = usable(scan_dataset(tmp_path))[0]
+    assert (before.image_sha256, before.caption_sha256) == (after.image_sha256, after.caption_sha256)
+    (tmp_path / "b.txt").write_text("another caption")
+    assert usable(scan_dataset(tmp_path))[0].caption_sha256 != before.caption_sha256
+
+
+def test_non_utf8_captions_are_read_not_lost(tmp_path):
+    _image(tmp_path / "cafe.png", caption=None)
+    (tmp_path / "cafe.txt").write_bytes("un café crème".encode("latin-1"))
+    with pytest.warns(UserWarning, match="cafe.txt: caption is not UTF-8"):
+        (row,) = scan_dataset(tmp_path)
+    assert row.caption == "un café crème"
+
+
+def test_manifest_round_trips(tmp_path):
+    _image(tmp_path / "data" / "a.png")
+    rows = scan_dataset(tmp_path / "data")
+    write_manifest(rows, tmp_path / "manifest.parquet")
+    assert read_manifest(tmp_path / "manifest.parquet") == rows
