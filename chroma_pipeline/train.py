@@ -7,6 +7,7 @@ Runs in-process under Dagster (`lora_adapter` calls `train_lora`) or on its own:
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import random
@@ -193,3 +194,31 @@ def train_lora(
         seconds=time.perf_counter() - started,
         trainable_parameters=sum(p.numel() for p in trainable),
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the chain up to the adapter without Dagster, reusing every cache that is still valid."""
+    from .config import load_config
+    from .device import detect_device
+    from .steps import Layout, build_adapter, build_embeddings, build_latents, build_manifest, build_quantized
+
+    parser = argparse.ArgumentParser(prog="python -m chroma_pipeline.train", description=main.__doc__)
+    parser.add_argument("--config", required=True, help="a JSON/JSONC config file (the quickstart's keys)")
+    parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
+    args = parser.parse_args(argv)
+
+    config = load_config(args.config)
+    layout = Layout(Path(config.output_dir).resolve())
+    device = detect_device(args.device)
+    print(f"device: {device.kind} ({device.name}), compute dtype {device.compute_dtype(config.mixed_precision)}")
+    manifest, _rows = build_manifest(config, layout)
+    print(f"dataset: {manifest.stats['samples']} samples, {manifest.stats['skipped']} skipped")
+    for step in (build_latents, build_embeddings, build_quantized):
+        step(config, layout, device)
+    result = build_adapter(config, layout, device)
+    print(f"adapter: {result.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
