@@ -8,14 +8,12 @@ is written under a temporary name and renamed, so a half-written one never exist
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from .storage import combine_hashes, write_json_atomic
+from .storage import atomic_dir, combine_hashes, write_json_atomic
 
 QUANTO_PRECISIONS = ("int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto")
 BNB_PRECISIONS = ("nf4-bnb", "int8-bnb")
@@ -66,10 +64,7 @@ def save_quantized(transformer, precision: str, target: Path, source: dict) -> d
     quantized_params = sum(
         module.weight.numel() for name, module in transformer.named_modules() if name in qmap
     )
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with atomic_dir(target) as staging:
         save_file({k: v.contiguous() for k, v in transformer.state_dict().items()}, str(staging / "model.safetensors"))
         (staging / "quantization_map.json").write_text(json.dumps(qmap, indent=1, sort_keys=True))
         transformer.save_config(staging)  # config.json, as diffusers writes it
@@ -85,11 +80,6 @@ def save_quantized(transformer, precision: str, target: Path, source: dict) -> d
             **source,
         }
         write_json_atomic(staging / "manifest.json", manifest)  # last: its presence marks the folder complete
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return manifest
 
 

@@ -10,11 +10,11 @@ same seed gives byte-identical files.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from .storage import atomic_dir
 
 TINY_SEED = 0
 # Bump when the architecture below changes, so stale builds are not reused.
@@ -128,15 +128,8 @@ def build_tiny_chroma(target: Path) -> Path:
     if stamp.exists() and json.loads(stamp.read_text()).get("version") == TINY_VERSION:
         return target
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
-    try:
+    with atomic_dir(target) as staging:
         pipe = ChromaPipeline(**_build_components())
         pipe.save_pretrained(staging, safe_serialization=True)
         (staging / "tiny_build.json").write_text(json.dumps({"version": TINY_VERSION, "seed": TINY_SEED}))
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target

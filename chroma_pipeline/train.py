@@ -11,8 +11,6 @@ import argparse
 import json
 import math
 import random
-import shutil
-import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -25,6 +23,7 @@ from .config import ChromaConfig
 from .flow import add_noise, flow_target, image_position_ids, pack_latents, predict_velocity, sample_sigmas
 from .latents import LatentEntry, load_latent_entry, scale_latents
 from .lora import lora_config, save_adapter
+from .storage import atomic_dir
 from .text import load_embedding
 
 
@@ -177,16 +176,9 @@ def train_lora(
 
     transformer.eval()
     output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
-    try:
+    with atomic_dir(output_dir) as staging:
         save_adapter(transformer, staging)
         (staging / "loss_history.json").write_text(json.dumps(losses))
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        staging.rename(output_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return TrainingResult(
         adapter_path=output_dir / "pytorch_lora_weights.safetensors",
         losses=losses,
