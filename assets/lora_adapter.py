@@ -27,6 +27,7 @@ def lora_adapter(
         "retrained": not result.stats["reused"],
         "loss curve": image_markdown(loss_curve(losses), "loss curve"),
         "adapter": MetadataValue.path(str(result.path)),
+        **{f"gpu: {name}": value for name, value in gpu.describe().items()},
     }
     if not result.stats["reused"]:
         metadata.update({

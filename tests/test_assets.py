@@ -1,0 +1,44 @@
+"""Single assets through Dagster: what the UI shows for a messy dataset or a bad one."""
+
+import json
+
+from dagster import DagsterInstance, materialize
+
+from assets import raw_dataset
+from assets.definitions import make_resources
+
+
+def _materialize_raw(config_path):
+    return materialize([raw_dataset], resources=make_resources(str(config_path), device="cpu"),
+                       instance=DagsterInstance.ephemeral(), raise_on_error=False)
+
+
+def test_corrupt_and_uncaptioned_files_are_reported_not_dropped(small_project):
+    dataset = small_project.parent / "dataset"
+    (dataset / "truncated.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")  # a download cut short
+    (dataset / "truncated.txt").write_text("a broken download")
+    sorted(dataset.glob("0*.txt"))[0].unlink()  # one demo image loses its caption
+
+    result = _materialize_raw(small_project)
+    assert result.success
+    metadata = result.asset_materializations_for_node("raw_dataset")[0].metadata
+    assert metadata["samples"].value == 8 and metadata["skipped"].value == 2
+    assert metadata["skipped by reason"].value == {"unreadable": 1, "no caption": 1}
+    assert "truncated.png" in metadata["skipped files"].value
+
+
+def test_a_dataset_with_nothing_usable_fails_with_the_reasons(small_project):
+    for caption in (small_project.parent / "dataset").glob("*.txt"):
+        caption.unlink()
+    result = _materialize_raw(small_project)
+    assert not result.success
+    error = str(next(e for e in result.all_events if e.is_step_failure).event_specific_data.error)
+    assert "no usable sample" in error and "9 no caption" in error and ".txt" in error
+
+
+def test_a_missing_dataset_folder_names_the_key_to_fix(small_project, tmp_path):
+    values = json.loads(small_project.read_text())
+    small_project.write_text(json.dumps({**values, "instance_data_dir": str(tmp_path / "nowhere")}))
+    result = _materialize_raw(small_project)
+    error = str(next(e for e in result.all_events if e.is_step_failure).event_specific_data.error)
+    assert "instance_data_dir" in error and "nowhere" in error
