@@ -6,7 +6,7 @@ the UI's launchpad can point a run at another file through the `chroma` resource
 
 import os
 
-from dagster import AssetSelection, Definitions, define_asset_job
+from dagster import AssetSelection, Definitions, define_asset_job, in_process_executor
 
 from resources import ArtifactStore, ChromaConfigResource, GPUResource
 
@@ -25,4 +25,6 @@ def make_resources(config_path: str | None = None, device: str | None = None) ->
 
 full_chain = define_asset_job("full_chain", selection=AssetSelection.all(), description="dataset to validation grid")
 
-defs = Definitions(assets=ALL_ASSETS, resources=make_resources(), jobs=[full_chain])
+# One process for the whole run: the VAE, T5 and the transformer must not be loaded side by
+# side by parallel steps, and every step runs on the same accelerator anyway.
+defs = Definitions(assets=ALL_ASSETS, resources=make_resources(), jobs=[full_chain], executor=in_process_executor)

@@ -24,6 +24,7 @@ def validation_grid(
             "grid": image_markdown(result.path, "validation grid"),
             "grid path": MetadataValue.path(str(result.path)),
             "images": result.stats["cells"],
+            "re-rendered": not result.stats["reused"],
             "blank images": len(result.stats["blank_cells"]),
             "guidance_scale": config.validation_guidance_real,
             "steps": config.validation_num_inference_steps,

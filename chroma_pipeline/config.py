@@ -46,9 +46,7 @@ class ChromaConfig(BaseModel):
     model_flavour: Literal["base", "hd", "flash", "tiny"] = "base"
     pretrained_model_name_or_path: str | None = None
     revision: str | None = None
-    base_model_precision: Literal[
-        "no_change", "int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto", "nf4-bnb", "int8-bnb"
-    ] = "no_change"
+    base_model_precision: Literal["no_change", "int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto"] = "no_change"
     offload_during_startup: bool = False
 
     # --- data ----------------------------------------------------------------------
@@ -108,6 +106,16 @@ class ChromaConfig(BaseModel):
                 f"{self.resolution_type!r} (try {suggestion}), or set resolution_type 'area' for megapixels"
             )
         return self
+
+    @field_validator("base_model_precision", mode="before")
+    @classmethod
+    def _bitsandbytes_not_yet(cls, value):
+        if value in ("nf4-bnb", "int8-bnb"):
+            raise ValueError(
+                "bitsandbytes precisions are not available in this version of chroma-pipeline; use 'int4-quanto' "
+                "(close to nf4's memory) or 'int8-quanto', which work on every device"
+            )
+        return value
 
     @field_validator("validation_prompt", "validation_seed")
     @classmethod
@@ -193,8 +201,11 @@ def load_config(path: str | Path, **overrides: Any) -> ChromaConfig:
         raise ConfigError(f"{path}: not valid JSON (comments are allowed): {exc}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: the top level must be an object of key: value pairs")
+    # SimpleTuner's config.json writes its keys as command-line flags ("--model_family").
+    values = {str(key).removeprefix("--"): value for key, value in values.items()}
     values.update(overrides)
-    for key in ("instance_data_dir", "output_dir"):
-        if key in values and isinstance(values[key], str) and not Path(values[key]).is_absolute():
-            values[key] = str((path.parent / values[key]).resolve())
+    for key in ("instance_data_dir", "output_dir"):  # written or defaulted, relative to the file
+        value = values.get(key, ChromaConfig.model_fields[key].default)
+        if isinstance(value, str) and not Path(value).expanduser().is_absolute():
+            values[key] = str((path.parent / value).resolve())
     return config_from_dict(values, source=str(path))

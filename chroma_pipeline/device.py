@@ -72,14 +72,6 @@ class DeviceInfo:
         elif self.kind == "mps":
             torch.mps.empty_cache()
 
-    def require_backend(self, backend: str, precision: str) -> None:
-        if backend not in self.quantization_backends:
-            raise RuntimeError(
-                f"base_model_precision={precision!r} needs bitsandbytes, which runs on CUDA or ROCm GPUs only; "
-                f"this machine's device is {self.kind} ({self.name}). "
-                "Use int8-quanto, int4-quanto or fp8-quanto instead: they work on every device."
-            )
-
 
 def detect_device(preference: str = "auto") -> DeviceInfo:
     """Pick CUDA, ROCm, MPS, then CPU; `preference` forces one ("cuda", "mps", "cpu", "cuda:1")."""

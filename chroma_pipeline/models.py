@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
 
 from .config import ChromaConfig
+from .storage import sha256_file, write_json_atomic
 from .tiny import build_tiny_chroma
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -37,6 +39,12 @@ def resolve_model_dir(config: ChromaConfig, models_root: Path) -> Path:
     if source == "tiny":
         return build_tiny_chroma(Path(models_root) / "tiny")
     local = Path(source).expanduser()
+    if local.is_file():
+        raise ModelSourceError(
+            f"pretrained_model_name_or_path={source!r} is a single file; single-file checkpoints are not supported "
+            "yet. Point it at a diffusers-layout folder (`huggingface-cli download lodestones/Chroma1-Base` makes one) "
+            "or leave it empty to use model_flavour."
+        )
     if local.exists():
         if not (local / "model_index.json").is_file():
             raise ModelSourceError(
@@ -58,11 +66,25 @@ def resolve_model_dir(config: ChromaConfig, models_root: Path) -> Path:
         ) from None
 
 
-def component_identity(model_dir: Path, component: str) -> str:
-    """A short fingerprint of one component: its config plus the names and sizes of its weight files.
+def check_model_source(config: ChromaConfig) -> None:
+    """Catch a wrong local model path before any work; Hub ids are checked when first fetched."""
+    source = config.pretrained_model_name_or_path
+    if not source:
+        return
+    looks_local = source.startswith((".", "/", "~")) or (os.sep in source and source.count("/") != 1)
+    if looks_local and not Path(source).expanduser().exists():
+        raise ModelSourceError(
+            f"pretrained_model_name_or_path={source!r} does not exist; give a diffusers-layout Chroma folder, "
+            "a Hugging Face id like lodestones/Chroma1-HD, or leave it empty to use model_flavour"
+        )
 
-    Cheap on a 17 GB checkpoint (nothing is read but the config), and it changes when
-    the checkpoint or its revision does, because the Hub cache keys folders by commit.
+
+def component_identity(model_dir: Path, component: str) -> str:
+    """A short fingerprint of one component: its config files and the content of its weights.
+
+    Weights are identified by content, so a fine-tune with the same shapes is a different
+    model. Hugging Face cache files are symlinks to blobs named by their sha256, which
+    costs nothing to read; other files are hashed once and remembered by size and mtime.
     """
     folder = Path(model_dir) / component
     digest = hashlib.sha256(component.encode())
@@ -70,8 +92,29 @@ def component_identity(model_dir: Path, component: str) -> str:
         if path.suffix == ".json":
             digest.update(path.name.encode() + path.read_bytes())
         elif path.suffix == ".safetensors":
-            digest.update(f"{path.name}:{path.stat().st_size}".encode())
+            digest.update(f"{path.name}:{weights_digest(path)}".encode())
     return digest.hexdigest()[:16]
+
+
+def _digest_memo_file() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "chroma-pipeline" / "weight-digests.json"
+
+
+def weights_digest(path: Path) -> str:
+    real = Path(os.path.realpath(path))
+    if real.parent.name == "blobs" and len(real.name) == 64:  # the Hub cache already did the hashing
+        return real.name
+    stat = real.stat()
+    memo_key = f"{real}:{stat.st_size}:{stat.st_mtime_ns}"
+    memo_file = _digest_memo_file()
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if memo_key not in memo:
+        memo[memo_key] = sha256_file(real)
+        write_json_atomic(memo_file, memo)
+    return memo[memo_key]
 
 
 def load_transformer(model_dir: Path, dtype: torch.dtype):

@@ -16,7 +16,6 @@ import torch
 from .storage import atomic_dir, combine_hashes, write_json_atomic
 
 QUANTO_PRECISIONS = ("int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto")
-BNB_PRECISIONS = ("nf4-bnb", "int8-bnb")
 # Small layers that steer the whole network; quantizing them costs quality and saves little.
 KEEP_FULL_PRECISION = ("distilled_guidance_layer*", "x_embedder", "context_embedder", "proj_out", "norm_out*")
 

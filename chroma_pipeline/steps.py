@@ -17,8 +17,8 @@ from .config import ChromaConfig
 from .dataset import ManifestRow, read_manifest, scan_dataset, usable, write_manifest
 from .device import DeviceInfo, seed_everything
 from .latents import encode_dataset, read_latent_index, write_latent_index
-from .quantize import BNB_PRECISIONS, is_complete, load_quantized, quantized_model_key, save_quantized
-from .storage import atomic_path, combine_hashes, write_json_atomic
+from .quantize import is_complete, load_quantized, quantized_model_key, save_quantized
+from .storage import atomic_dir, combine_hashes, write_json_atomic
 from .text import encode_texts, load_embedding, read_embedding_index, write_embedding_index
 
 TRAINING_KEYS = (
@@ -93,7 +93,8 @@ def build_manifest(config: ChromaConfig, layout: Layout) -> tuple[StepResult, li
             "same name and a .txt suffix (photo.jpg -> photo.txt)."
         )
     write_manifest(rows, layout.manifest)
-    version = combine_hashes(*sorted(f"{r.path}:{r.image_sha256}:{r.caption_sha256}" for r in ok))
+    # Content only: renaming or moving files changes nothing downstream.
+    version = combine_hashes(*sorted(f"{r.image_sha256}:{r.caption_sha256}" for r in ok))
     return StepResult(version, layout.manifest, {"samples": len(ok), "skipped": len(rows) - len(ok)}), rows
 
 
@@ -130,7 +131,7 @@ def build_latents(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=
     write_latent_index(entries, layout.latent_index)
     buckets = Counter(f"{e.bucket_width}x{e.bucket_height}" for e in entries)
     stats.update(samples=len(entries), buckets=dict(sorted(buckets.items())))
-    return StepResult(combine_hashes(*sorted(f"{e.path}:{e.cache_key}" for e in entries)), layout.latent_index, stats)
+    return StepResult(combine_hashes(*sorted(e.cache_key for e in entries)), layout.latent_index, stats)
 
 
 # --- text_embeddings -----------------------------------------------------------------
@@ -185,12 +186,6 @@ def quantized_key(config: ChromaConfig, layout: Layout, device: DeviceInfo) -> s
 def build_quantized(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=print) -> StepResult:
     precision = config.base_model_precision
     model_dir = _model_dir(config, layout)
-    if precision in BNB_PRECISIONS:
-        device.require_backend("bitsandbytes", precision)
-        raise NotImplementedError(
-            f"base_model_precision={precision!r} is not supported by this version yet; "
-            "use int8-quanto or int4-quanto (similar memory, any device)"
-        )
     if precision == "no_change":
         identity = models.component_identity(model_dir, "transformer")
         return StepResult(identity, model_dir / "transformer", {"precision": precision, "reused": True})
@@ -223,41 +218,40 @@ def load_base_transformer(config: ChromaConfig, layout: Layout, device: DeviceIn
 # --- lora_adapter --------------------------------------------------------------------
 
 
-def adapter_key(config: ChromaConfig, layout: Layout, device: DeviceInfo, latents_version: str, text_version: str) -> str:
-    return combine_hashes(
-        latents_version, text_version, quantized_key(config, layout, device), config.settings_hash(*TRAINING_KEYS)
-    )
-
-
-def current_versions(layout: Layout) -> tuple[str, str]:
-    """Data versions of the latent and embedding caches as they are on disk now."""
-    latents = read_latent_index(layout.latent_index)
-    texts = read_embedding_index(layout.embedding_index)
-    return (
-        combine_hashes(*sorted(f"{e.path}:{e.cache_key}" for e in latents)),
-        combine_hashes(*sorted(f"{e.role}:{e.cache_key}" for e in texts)),
-    )
-
-
-def build_adapter(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=print) -> StepResult:
-    from .train import TrainingSample, train_lora
+def training_samples(layout: Layout):
+    """Pair every cached latent with its caption's cached embedding; returns (samples, empty caption key)."""
+    from .train import TrainingSample
 
     rows = {row.path: row for row in usable(read_manifest(layout.manifest))}
-    latents = read_latent_index(layout.latent_index)
     texts = read_embedding_index(layout.embedding_index)
     caption_keys = {e.text_sha256: e.cache_key for e in texts if e.role == "caption"}
-    empty_key = next(e.cache_key for e in texts if e.role == "empty")
+    empty_keys = [e.cache_key for e in texts if e.role == "empty"]
     samples = []
-    for entry in latents:
+    for entry in read_latent_index(layout.latent_index):
         row = rows.get(entry.path)
-        if row is None or row.caption_sha256 not in caption_keys:
+        if row is None or row.caption_sha256 not in caption_keys or not empty_keys:
             raise RuntimeError(
-                f"{entry.path}: caches are out of step with the dataset manifest; "
+                f"{entry.path}: the caches are out of step with the dataset manifest; "
                 "re-materialize image_latents and text_embeddings"
             )
         samples.append(TrainingSample(entry, caption_keys[row.caption_sha256]))
+    return samples, empty_keys[0]
 
-    key = adapter_key(config, layout, device, *current_versions(layout))
+
+def adapter_key(config: ChromaConfig, layout: Layout, device: DeviceInfo, samples, empty_key: str) -> str:
+    """What decides the adapter: the (latent, caption) pairs it trains on, the base model and the settings.
+
+    Validation prompts are not part of it: changing them re-renders the grid, never retrains.
+    """
+    pairs = sorted(f"{s.latent.cache_key}:{s.embedding_key}" for s in samples)
+    return combine_hashes(*pairs, empty_key, quantized_key(config, layout, device), config.settings_hash(*TRAINING_KEYS))
+
+
+def build_adapter(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=print) -> StepResult:
+    from .train import train_lora
+
+    samples, empty_key = training_samples(layout)
+    key = adapter_key(config, layout, device, samples, empty_key)
     folder = layout.adapter_dir(key)
     adapter = folder / "pytorch_lora_weights.safetensors"
     if adapter.is_file() and (folder / "loss_history.json").is_file():
@@ -288,22 +282,33 @@ def build_adapter(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=
 def build_grid(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=print) -> StepResult:
     from .grid import adapter_is_active, assemble_grid, make_pipeline, render
 
-    key_adapter = adapter_key(config, layout, device, *current_versions(layout))
+    key_adapter = adapter_key(config, layout, device, *training_samples(layout))
     adapter = layout.adapter_dir(key_adapter) / "pytorch_lora_weights.safetensors"
     if not adapter.is_file():
         raise FileNotFoundError(f"no adapter for the current data and settings at {adapter}: materialize lora_adapter first")
-    key = combine_hashes(key_adapter, config.settings_hash(*VALIDATION_KEYS))
+
+    texts = {(e.role, e.text): e.cache_key for e in read_embedding_index(layout.embedding_index)}
+    wanted = [("validation", prompt) for prompt in config.validation_prompts]
+    wanted.append(("negative", config.validation_negative_prompt))
+    for role, text in wanted:
+        if (role, text) not in texts:
+            raise RuntimeError(f"the {role} prompt {text!r} has no cached embedding: re-materialize text_embeddings")
+    key = combine_hashes(key_adapter, config.settings_hash(*VALIDATION_KEYS), *(texts[w] for w in wanted))
     folder = layout.grid_dir(key)
+    grid_path = folder / "grid.png"
+    if grid_path.is_file() and (folder / "grid.json").is_file():
+        log(f"reusing validation grid {grid_path}: same adapter, prompts and settings")
+        summary = json.loads((folder / "grid.json").read_text())
+        return StepResult(key, grid_path, {**summary, "reused": True})
 
     model_dir = _model_dir(config, layout)
     dtype = device.compute_dtype(config.mixed_precision)
-    texts = {(e.role, e.text): e.cache_key for e in read_embedding_index(layout.embedding_index)}
     width = _text_width(model_dir)
 
     def cached(role: str, text: str):
         entry = load_embedding(layout.embedding_dir, texts[(role, text)], config.tokenizer_max_length, width)
         if entry is None:
-            raise RuntimeError(f"embedding of the {role} prompt {text!r} is missing: re-materialize text_embeddings")
+            raise RuntimeError(f"the {role} prompt {text!r}: cached embedding missing or corrupt; re-materialize text_embeddings")
         return entry["prompt_embeds"], entry["attention_mask"]
 
     prompts = config.validation_prompts
@@ -332,12 +337,11 @@ def build_grid(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=pri
 
     grid = assemble_grid(cells, prompts, config.validation_seeds, config.validation_guidance_real,
                          config.validation_num_inference_steps)
-    folder.mkdir(parents=True, exist_ok=True)
-    for cell in cells:
-        cell.image.save(folder / f"{cell.variant}-p{prompts.index(cell.prompt)}-s{cell.seed}.png")
-    grid_path = folder / "grid.png"
-    with atomic_path(grid_path) as tmp:
-        grid.save(tmp, format="PNG")
     blank = [f"{c.variant} / {c.prompt[:30]} / seed {c.seed}" for c in cells if c.is_blank]
-    write_json_atomic(folder / "grid.json", {"adapter": str(adapter), "blank_cells": blank, "cells": len(cells)})
-    return StepResult(key, grid_path, {"cells": len(cells), "blank_cells": blank, "adapter": str(adapter)})
+    summary = {"cells": len(cells), "blank_cells": blank, "adapter": str(adapter)}
+    with atomic_dir(folder) as staging:
+        for cell in cells:
+            cell.image.save(staging / f"{cell.variant}-p{prompts.index(cell.prompt)}-s{cell.seed}.png")
+        grid.save(staging / "grid.png", format="PNG")
+        write_json_atomic(staging / "grid.json", summary)
+    return StepResult(key, grid_path, {**summary, "reused": False})

@@ -78,7 +78,8 @@ def _load_batch(batch, samples, latent_dir, embedding_dir, vae_config, text_widt
         embeds.append(text["prompt_embeds"])
         masks.append(text["attention_mask"])
     x0 = scale_latents(torch.stack(latents), vae_config["shift_factor"], vae_config["scaling_factor"])
-    return x0.to(device, dtype), torch.stack(embeds).to(device, dtype), torch.stack(masks).to(device)
+    # Latents stay fp32: the regression target is computed before anything is rounded to bf16.
+    return x0.to(device), torch.stack(embeds).to(device, dtype), torch.stack(masks).to(device)
 
 
 def train_lora(
@@ -128,6 +129,8 @@ def train_lora(
         text_width=text_width, max_length=config.tokenizer_max_length, device=device, dtype=dtype, generator=generator,
     )
     empty = load_embedding(embedding_dir, empty_embedding_key, config.tokenizer_max_length, text_width)
+    if empty is None and config.caption_dropout_probability > 0:
+        raise RuntimeError("the empty-caption embedding (for caption dropout) is missing: re-materialize text_embeddings")
 
     losses: list[float] = []
     started = time.perf_counter()
@@ -141,14 +144,14 @@ def train_lora(
                 text_mask[drop] = empty["attention_mask"].to(device)
 
             latents = pack_latents(x0)
-            noise = torch.randn(latents.shape, generator=generator).to(device, dtype)
+            noise = torch.randn(latents.shape, generator=generator).to(device)
             sigmas = sample_sigmas(latents.shape[0], generator).to(device)
             noisy = add_noise(latents, noise, sigmas)
             target = flow_target(latents, noise)
             image_ids = image_position_ids(x0.shape[2], x0.shape[3])
 
             with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
-                velocity = predict_velocity(transformer, noisy, sigmas, prompt_embeds, text_mask, image_ids)
+                velocity = predict_velocity(transformer, noisy.to(dtype), sigmas, prompt_embeds, text_mask, image_ids)
             loss = F.mse_loss(velocity.float(), target.float()) / config.gradient_accumulation_steps
             scaler.scale(loss).backward()
             step_loss += loss.item()

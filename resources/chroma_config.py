@@ -3,6 +3,7 @@ import warnings
 from dagster import ConfigurableResource, InitResourceContext
 
 from chroma_pipeline.config import ChromaConfig, load_config
+from chroma_pipeline.models import check_model_source
 
 
 class ChromaConfigResource(ConfigurableResource):
@@ -15,7 +16,7 @@ class ChromaConfigResource(ConfigurableResource):
     config_path: str
 
     def setup_for_execution(self, context: InitResourceContext) -> None:
-        self.load(context.log)
+        check_model_source(self.load(context.log))
 
     def load(self, log=None) -> ChromaConfig:
         with warnings.catch_warnings(record=True) as caught:

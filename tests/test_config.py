@@ -96,6 +96,23 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path):
     assert config.output_dir == str(path.parent / "out")
 
 
+def test_simpletuner_flag_style_keys_are_accepted(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text('{"--model_family": "chroma", "--model_flavour": "hd", "--network_rank": 8}')
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        config = load_config(path)
+    assert (config.model_flavour, config.network_rank) == ("hd", 8)
+
+
+def test_default_paths_are_relative_to_the_config_file_too(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text("{}")
+    config = load_config(path)
+    assert config.output_dir == str(tmp_path / "chroma-output")
+    assert config.instance_data_dir == str(tmp_path / "datasets" / "chroma")
+
+
 def test_missing_or_broken_file_says_what_to_do(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.json")

@@ -12,8 +12,10 @@ from dagster import AssetKey, AssetRecordsFilter, DagsterInstance, materialize
 from diffusers import AutoencoderKL, ChromaPipeline
 from safetensors.torch import load_file
 
+import chroma_pipeline.grid as grid_module
 import chroma_pipeline.quantize as quantize_module
 import chroma_pipeline.text as text_module
+import chroma_pipeline.train as train_module
 from assets import ALL_ASSETS
 from assets.definitions import defs, make_resources
 from tests.conftest import write_config
@@ -39,8 +41,9 @@ def test_code_location_has_the_six_assets_and_their_lineage():
 
 @pytest.fixture
 def work_counter(monkeypatch):
-    counts = {"vae": 0, "t5": 0, "quantize": 0}
+    counts = {"vae": 0, "t5": 0, "quantize": 0, "train": 0, "render": 0}
     encode, prompts, quantize = AutoencoderKL.encode, text_module.encode_prompts, quantize_module.quantize_transformer
+    train, render = train_module.train_lora, grid_module.render
 
     def count(name, fn):
         def wrapper(*args, **kwargs):
@@ -51,6 +54,8 @@ def work_counter(monkeypatch):
     monkeypatch.setattr(AutoencoderKL, "encode", count("vae", encode))
     monkeypatch.setattr(text_module, "encode_prompts", count("t5", prompts))
     monkeypatch.setattr(quantize_module, "quantize_transformer", count("quantize", quantize))
+    monkeypatch.setattr(train_module, "train_lora", count("train", train))
+    monkeypatch.setattr(grid_module, "render", count("render", render))
     return counts
 
 
@@ -68,7 +73,8 @@ def test_chain_materializes_then_second_run_recomputes_nothing(small_project, wo
     instance = DagsterInstance.ephemeral()
     first = _materialize(small_project, instance)
     assert set(first) == set(EDGES)
-    assert work_counter["vae"] > 0 and work_counter["t5"] > 0 and work_counter["quantize"] == 1
+    assert work_counter["vae"] > 0 and work_counter["t5"] > 0
+    assert (work_counter["quantize"], work_counter["train"], work_counter["render"]) == (1, 1, 2)  # reloaded, not redone
 
     grid = Path(first["validation_grid"].metadata["grid path"].value)
     assert grid.is_file() and grid.stat().st_size > 0
@@ -79,7 +85,7 @@ def test_chain_materializes_then_second_run_recomputes_nothing(small_project, wo
 
     before = dict(work_counter)
     second = _materialize(small_project, instance)
-    assert work_counter == before, "an unchanged dataset must not encode, embed or quantize again"
+    assert work_counter == before, "an unchanged dataset must not encode, embed, quantize, train or render again"
     for name in EDGES:
         assert second[name].tags["dagster/data_version"] == first[name].tags["dagster/data_version"], name
     assert second["lora_adapter"].metadata["retrained"].value is False

@@ -5,11 +5,9 @@ import torch
 
 import chroma_pipeline.quantize as quantize_module
 from chroma_pipeline import flow
-from chroma_pipeline.config import ChromaConfig
-from chroma_pipeline.device import detect_device
+from chroma_pipeline.config import ConfigError, config_from_dict
 from chroma_pipeline.lora import lora_config
 from chroma_pipeline.models import load_transformer
-from chroma_pipeline.steps import Layout, build_quantized
 
 # Relative error of the transformer's output against fp32, per precision, on the tiny model.
 TOLERANCE = {"int8-quanto": 0.02, "fp8-quanto": 0.05, "int4-quanto": 0.1, "int2-quanto": 0.8}
@@ -60,9 +58,9 @@ def test_half_written_model_is_not_reused(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("precision", ["nf4-bnb", "int8-bnb"])
-def test_bitsandbytes_on_cpu_says_what_works_instead(precision, tmp_path):
-    config = ChromaConfig(model_flavour="tiny", base_model_precision=precision)
-    with pytest.raises(RuntimeError) as error:
-        build_quantized(config, Layout(tmp_path), detect_device("cpu"))
+def test_bitsandbytes_precisions_are_refused_in_the_config_with_what_works_instead(precision):
+    # Not built yet: refused when the config is read, before any step runs, not halfway through a run.
+    with pytest.raises(ConfigError) as error:
+        config_from_dict({"base_model_precision": precision})
     message = str(error.value)
-    assert precision in message and "CUDA" in message and "int8-quanto" in message
+    assert precision in message and "int4-quanto" in message and "int8-quanto" in message

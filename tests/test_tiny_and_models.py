@@ -4,6 +4,7 @@ import hashlib
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from chroma_pipeline import models
 from chroma_pipeline.config import ChromaConfig
@@ -56,9 +57,36 @@ def test_a_folder_that_is_not_a_diffusers_model_is_refused(tmp_path):
         models.resolve_model_dir(config, tmp_path / "models")
 
 
-def test_component_identity_changes_with_the_weights(tmp_path, tiny_model_dir):
+def test_component_identity_follows_config_and_weight_content(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     copy = build_tiny_chroma(tmp_path / "tiny")
-    assert models.component_identity(copy, "vae") == models.component_identity(tiny_model_dir, "vae")
+    original = models.component_identity(tiny_model_dir, "vae")
+    assert models.component_identity(copy, "vae") == original
     assert models.component_identity(copy, "vae") != models.component_identity(copy, "transformer")
-    (copy / "vae" / "config.json").write_text((copy / "vae" / "config.json").read_text().replace("0.3611", "0.3612"))
-    assert models.component_identity(copy, "vae") != models.component_identity(tiny_model_dir, "vae")
+
+    # A fine-tune with the same shapes: same file size, other numbers.
+    weights = copy / "vae" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    save_file({name: t * 2 + 1 for name, t in tensors.items()}, weights)
+    assert models.component_identity(copy, "vae") != original
+
+    fresh = build_tiny_chroma(tmp_path / "again")
+    (fresh / "vae" / "config.json").write_text((fresh / "vae" / "config.json").read_text().replace("0.3611", "0.3612"))
+    assert models.component_identity(fresh, "vae") != original
+
+
+def test_a_single_file_checkpoint_gets_a_clear_message(tmp_path):
+    checkpoint = tmp_path / "chroma-unlocked-v50.safetensors"
+    checkpoint.write_bytes(b"")
+    with pytest.raises(models.ModelSourceError, match="single file"):
+        models.resolve_model_dir(ChromaConfig(pretrained_model_name_or_path=str(checkpoint)), tmp_path / "models")
+
+
+@pytest.mark.parametrize("source", ["/no/such/chroma", "./models/missing", "~/nowhere/chroma"])
+def test_a_missing_local_model_path_is_caught_before_any_work(source):
+    with pytest.raises(models.ModelSourceError, match="does not exist"):
+        models.check_model_source(ChromaConfig(pretrained_model_name_or_path=source))
+
+
+def test_hub_ids_are_not_mistaken_for_local_paths():
+    models.check_model_source(ChromaConfig(pretrained_model_name_or_path="lodestones/Chroma1-HD"))
