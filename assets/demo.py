@@ -26,13 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DAGSTER_HOME", str(root / ".dagster"))
     Path(os.environ["DAGSTER_HOME"]).mkdir(parents=True, exist_ok=True)
 
-    from dagster import DagsterInstance, materialize
+    from dagster import DagsterInstance
 
-    from . import ALL_ASSETS
-    from .definitions import make_resources
+    from .definitions import materialize_chain
 
     started = time.perf_counter()
-    result = materialize(ALL_ASSETS, resources=make_resources(str(config_path)), instance=DagsterInstance.get())
+    result = materialize_chain(str(config_path), instance=DagsterInstance.get())
     if not result.success:
         print("demo failed; see the log above", file=sys.stderr)
         return 1

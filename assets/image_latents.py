@@ -4,10 +4,10 @@ from chroma_pipeline.steps import build_latents
 from resources import ArtifactStore, ChromaConfigResource, GPUResource
 
 from ._metadata import markdown_table
-from .raw_dataset import raw_dataset
+from .raw_dataset import IMAGES
 
 
-@asset(deps=[raw_dataset], group_name="chroma", kinds={"safetensors", "pytorch"})
+@asset(deps=[IMAGES], group_name="chroma", kinds={"safetensors", "pytorch"})
 def image_latents(
     context: AssetExecutionContext, chroma: ChromaConfigResource, store: ArtifactStore, gpu: GPUResource
 ) -> MaterializeResult:

@@ -1,30 +1,54 @@
 from collections import Counter
 
-from dagster import AssetExecutionContext, DataVersion, MaterializeResult, MetadataValue, asset
+from dagster import AssetExecutionContext, AssetKey, AssetSpec, DataVersion, MaterializeResult, MetadataValue, multi_asset
 
 from chroma_pipeline.steps import build_manifest
 from resources import ArtifactStore, ChromaConfigResource
 
 from ._metadata import markdown_table
 
+# One scan, two assets: images and captions get separate data versions, so editing a
+# caption leaves image_latents in sync and editing pixels leaves text_embeddings in sync.
+IMAGES = AssetKey(["raw_dataset", "images"])
+CAPTIONS = AssetKey(["raw_dataset", "captions"])
 
-@asset(group_name="chroma", kinds={"parquet"})
-def raw_dataset(context: AssetExecutionContext, chroma: ChromaConfigResource, store: ArtifactStore) -> MaterializeResult:
-    """Every image of `instance_data_dir` with its caption and content hashes, or the reason it was skipped."""
+
+@multi_asset(
+    name="raw_dataset",
+    group_name="chroma",
+    specs=[
+        AssetSpec(IMAGES, kinds={"parquet"}, description="The usable images of `instance_data_dir`, by content hash."),
+        AssetSpec(CAPTIONS, kinds={"parquet"}, description="Which caption goes with which image."),
+    ],
+)
+def raw_dataset(context: AssetExecutionContext, chroma: ChromaConfigResource, store: ArtifactStore):
+    """Scan the dataset folder into a manifest: every file, its content hashes, or why it was skipped."""
     config = chroma.load(context.log)
     result, rows = build_manifest(config, store.layout(config))
+    versions = result.stats["versions"]
     skipped = [row for row in rows if row.status != "ok"]
     for row in skipped:
         context.log.warning(f"skipped {row.path}: {row.skip_reason}")
-    reasons = Counter(row.skip_reason for row in skipped)
-    return MaterializeResult(
-        data_version=DataVersion(result.data_version),
+    usable = [row for row in rows if row.status == "ok"]
+    yield MaterializeResult(
+        asset_key=IMAGES,
+        data_version=DataVersion(versions.images),
         metadata={
             "samples": result.stats["samples"],
             "skipped": result.stats["skipped"],
-            "skipped by reason": MetadataValue.json(dict(reasons)),
+            "skipped by reason": MetadataValue.json(dict(Counter(row.skip_reason for row in skipped))),
             "skipped files": markdown_table(["file", "reason"], [[r.path, r.skip_reason] for r in skipped[:200]]),
             "manifest": MetadataValue.path(str(result.path)),
             "dataset": MetadataValue.path(config.instance_data_dir),
+        },
+    )
+    yield MaterializeResult(
+        asset_key=CAPTIONS,
+        data_version=DataVersion(versions.captions),
+        metadata={
+            "captions": len(usable),
+            "distinct captions": len({row.caption_sha256 for row in usable}),
+            "empty captions": sum(1 for row in usable if not row.caption),
+            "manifest": MetadataValue.path(str(result.path)),
         },
     )

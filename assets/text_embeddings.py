@@ -3,10 +3,10 @@ from dagster import AssetExecutionContext, DataVersion, MaterializeResult, Metad
 from chroma_pipeline.steps import build_embeddings
 from resources import ArtifactStore, ChromaConfigResource, GPUResource
 
-from .raw_dataset import raw_dataset
+from .raw_dataset import CAPTIONS
 
 
-@asset(deps=[raw_dataset], group_name="chroma", kinds={"safetensors", "pytorch"})
+@asset(deps=[CAPTIONS], group_name="chroma", kinds={"safetensors", "pytorch"})
 def text_embeddings(
     context: AssetExecutionContext, chroma: ChromaConfigResource, store: ArtifactStore, gpu: GPUResource
 ) -> MaterializeResult:
@@ -19,8 +19,14 @@ def text_embeddings(
             "distinct texts": result.stats["distinct_texts"],
             "encoded now": result.stats["encoded"],
             "reused from cache": result.stats["reused"],
+            "dropped from index": result.stats["dropped"],
+            "MiB on disk": round(result.stats["bytes_on_disk"] / 2**20, 3),
+            "MiB saved by storing only unmasked tokens": round(
+                (result.stats["bytes_unpruned"] - result.stats["bytes_on_disk"]) / 2**20, 3
+            ),
             "max length": config.tokenizer_max_length,
             "padding": config.flux_t5_padding,
+            "text encoder precision": config.text_encoder_precision,
             "index": MetadataValue.path(str(result.path)),
         },
     )

@@ -56,6 +56,7 @@ class ChromaConfig(BaseModel):
     resolution: float = Field(1024, gt=0)
     resolution_type: Literal["pixel", "area", "pixel_area"] = "pixel_area"
     tokenizer_max_length: int = Field(512, ge=8, le=512)
+    text_encoder_precision: Literal["no_change", "int8-quanto"] = "no_change"  # int8: T5-XXL in ~5 GB
     flux_t5_padding: Literal["unmodified", "zero"] = "unmodified"
     caption_dropout_probability: float = Field(0.0, ge=0.0, lt=1.0)
     vae_batch_size: int = Field(4, ge=1)

@@ -41,13 +41,13 @@ def is_complete(folder: Path) -> bool:
     return (Path(folder) / "manifest.json").is_file()
 
 
-def quantize_transformer(transformer, precision: str):
+def quantize_model(model, precision: str, keep: tuple[str, ...] = KEEP_FULL_PRECISION):
     """Quantize in place with optimum-quanto and freeze (weights become int/fp8 tensors)."""
     from optimum.quanto import freeze, quantize
 
-    quantize(transformer, weights=_quanto_weights(precision), exclude=list(KEEP_FULL_PRECISION))
-    freeze(transformer)
-    return transformer
+    quantize(model, weights=_quanto_weights(precision), exclude=list(keep) or None)
+    freeze(model)
+    return model
 
 
 def save_quantized(transformer, precision: str, target: Path, source: dict) -> dict:
@@ -57,7 +57,7 @@ def save_quantized(transformer, precision: str, target: Path, source: dict) -> d
     from safetensors.torch import save_file
 
     started = time.perf_counter()
-    quantize_transformer(transformer, precision)
+    quantize_model(transformer, precision)
     qmap = quantization_map(transformer)
     total = sum(p.numel() for p in transformer.state_dict().values())
     quantized_params = sum(

@@ -7,6 +7,7 @@ its content, so an unchanged input gives an unchanged version.
 
 from __future__ import annotations
 
+import gc
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -17,8 +18,8 @@ from .config import ChromaConfig
 from .dataset import ManifestRow, read_manifest, scan_dataset, usable, write_manifest
 from .device import DeviceInfo, seed_everything
 from .latents import encode_dataset, read_latent_index, write_latent_index
-from .quantize import is_complete, load_quantized, quantized_model_key, save_quantized
-from .storage import atomic_dir, combine_hashes, write_json_atomic
+from .quantize import is_complete, load_quantized, quantize_model, quantized_model_key, save_quantized
+from .storage import atomic_dir, combine_hashes, sha256_text, write_json_atomic
 from .text import encode_texts, load_embedding, read_embedding_index, write_embedding_index
 
 TRAINING_KEYS = (
@@ -30,6 +31,21 @@ VALIDATION_KEYS = (
     "validation_prompt", "validation_negative_prompt", "validation_seed", "validation_guidance_real",
     "validation_num_inference_steps", "validation_resolution",
 )
+MODEL_KEYS = ("model_flavour", "pretrained_model_name_or_path", "revision", "mixed_precision")
+
+# The settings each step reads. A change to one of them changes that step's code version
+# in Dagster (and only that step's), which is how the UI shows a setting made it stale.
+STEP_SETTINGS = {
+    "raw_dataset": ("instance_data_dir",),
+    "image_latents": (*MODEL_KEYS, "resolution", "resolution_type"),
+    "text_embeddings": (
+        *MODEL_KEYS, "tokenizer_max_length", "flux_t5_padding", "text_encoder_precision",
+        "validation_prompt", "validation_negative_prompt",
+    ),
+    "quantized_base_model": (*MODEL_KEYS, "base_model_precision"),
+    "lora_adapter": TRAINING_KEYS,
+    "validation_grid": VALIDATION_KEYS,
+}
 
 
 @dataclass(frozen=True)
@@ -82,6 +98,14 @@ class StepResult:
 # --- raw_dataset ---------------------------------------------------------------------
 
 
+@dataclass
+class DatasetVersions:
+    """raw_dataset has two faces with separate versions, so a caption edit never invalidates latents."""
+
+    images: str  # image content only: renames and caption edits leave it alone
+    captions: str  # which caption goes with which file
+
+
 def build_manifest(config: ChromaConfig, layout: Layout) -> tuple[StepResult, list[ManifestRow]]:
     rows = scan_dataset(Path(config.instance_data_dir))
     ok = usable(rows)
@@ -93,9 +117,12 @@ def build_manifest(config: ChromaConfig, layout: Layout) -> tuple[StepResult, li
             "same name and a .txt suffix (photo.jpg -> photo.txt)."
         )
     write_manifest(rows, layout.manifest)
-    # Content only: renaming or moving files changes nothing downstream.
-    version = combine_hashes(*sorted(f"{r.image_sha256}:{r.caption_sha256}" for r in ok))
-    return StepResult(version, layout.manifest, {"samples": len(ok), "skipped": len(rows) - len(ok)}), rows
+    versions = DatasetVersions(
+        images=combine_hashes(*sorted(r.image_sha256 for r in ok)),
+        captions=combine_hashes(*sorted(f"{r.path}:{r.caption_sha256}" for r in ok)),
+    )
+    stats = {"samples": len(ok), "skipped": len(rows) - len(ok), "versions": versions}
+    return StepResult(combine_hashes(versions.images, versions.captions), layout.manifest, stats), rows
 
 
 # --- image_latents -------------------------------------------------------------------
@@ -156,22 +183,40 @@ def build_embeddings(config: ChromaConfig, layout: Layout, device: DeviceInfo, l
     dtype = device.compute_dtype(config.mixed_precision)
 
     def load_encoder():
-        log(f"loading T5 text encoder from {model_dir}")
-        encoder = models.load_text_encoder(model_dir, dtype).to(device.torch_device).eval()
-        return models.load_tokenizer(model_dir), encoder
+        log(f"loading T5 text encoder ({config.text_encoder_precision}) from {model_dir}")
+        encoder = models.load_text_encoder(model_dir, dtype)
+        if config.text_encoder_precision == "int8-quanto":
+            quantize_model(encoder, "int8-quanto", keep=())
+        return models.load_tokenizer(model_dir), encoder.to(device.torch_device).eval()
 
+    identity = combine_hashes(
+        models.component_identity(model_dir, "text_encoder"), models.component_identity(model_dir, "tokenizer"),
+        config.text_encoder_precision,
+    )
+    previous = {e.cache_key for e in read_embedding_index(layout.embedding_index)} if layout.embedding_index.is_file() else set()
     entries, stats = encode_texts(
         texts_to_encode(config, rows), layout.embedding_dir, load_encoder,
-        width=_text_width(model_dir),
-        encoder_identity=models.component_identity(model_dir, "text_encoder")
-        + models.component_identity(model_dir, "tokenizer"),
+        width=_text_width(model_dir), encoder_identity=identity,
         max_length=config.tokenizer_max_length, padding=config.flux_t5_padding,
         device=device.torch_device, dtype=dtype, log=log,
     )
-    device.empty_cache()  # the encoder went out of scope with encode_texts; give its memory back now
+    gc.collect()  # the encoder is out of scope now; make sure its memory goes back before training
+    device.empty_cache()
     write_embedding_index(entries, layout.embedding_index)
-    stats["distinct_texts"] = len({e.cache_key for e in entries})
-    return StepResult(combine_hashes(*sorted(f"{e.role}:{e.cache_key}" for e in entries)), layout.embedding_index, stats)
+    current = {e.cache_key for e in entries}
+    stats.update(distinct_texts=len(current), dropped=len(previous - current))
+    return StepResult(embeddings_version(rows, entries), layout.embedding_index, stats)
+
+
+def embeddings_version(rows: list[ManifestRow], entries) -> str:
+    """What training reads from this cache: each file's caption embedding and the empty one.
+
+    Validation prompts are left out on purpose: a new prompt re-renders the grid (its own
+    code version says so) but must not make the adapter look out of date.
+    """
+    keys = {(e.role, e.text_sha256): e.cache_key for e in entries}
+    pairs = [f"{row.path}:{keys[('caption', row.caption_sha256)]}" for row in rows]
+    return combine_hashes(*sorted(pairs), keys[("empty", sha256_text(""))])
 
 
 # --- quantized_base_model ------------------------------------------------------------
@@ -222,19 +267,18 @@ def training_samples(layout: Layout):
     """Pair every cached latent with its caption's cached embedding; returns (samples, empty caption key)."""
     from .train import TrainingSample
 
-    rows = {row.path: row for row in usable(read_manifest(layout.manifest))}
+    # Joined by content hashes, not paths: a renamed file needs no re-encoding to train.
+    latents = {e.image_sha256: e for e in read_latent_index(layout.latent_index)}
     texts = read_embedding_index(layout.embedding_index)
     caption_keys = {e.text_sha256: e.cache_key for e in texts if e.role == "caption"}
     empty_keys = [e.cache_key for e in texts if e.role == "empty"]
     samples = []
-    for entry in read_latent_index(layout.latent_index):
-        row = rows.get(entry.path)
-        if row is None or row.caption_sha256 not in caption_keys or not empty_keys:
-            raise RuntimeError(
-                f"{entry.path}: the caches are out of step with the dataset manifest; "
-                "re-materialize image_latents and text_embeddings"
-            )
-        samples.append(TrainingSample(entry, caption_keys[row.caption_sha256]))
+    for row in usable(read_manifest(layout.manifest)):
+        if row.image_sha256 not in latents:
+            raise RuntimeError(f"{row.path} has no cached latent: re-materialize image_latents")
+        if row.caption_sha256 not in caption_keys or not empty_keys:
+            raise RuntimeError(f"{row.path}: its caption has no cached embedding: re-materialize text_embeddings")
+        samples.append(TrainingSample(latents[row.image_sha256], caption_keys[row.caption_sha256]))
     return samples, empty_keys[0]
 
 

@@ -8,6 +8,7 @@ embedding, so training and sampling never rebuild it differently.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -59,9 +60,12 @@ def encode_prompts(texts, tokenizer, text_encoder, max_length: int, padding: str
 def _is_valid(max_length: int, width: int):
     def check(tensors) -> bool:
         embeds, mask = tensors.get("prompt_embeds"), tensors.get("attention_mask")
+        if embeds is None or mask is None or tuple(mask.shape) != (max_length,):
+            return False
+        open_positions = int(mask.sum())
         return (
-            embeds is not None and mask is not None
-            and tuple(embeds.shape) == (max_length, width) and tuple(mask.shape) == (max_length,)
+            tuple(embeds.shape) == (open_positions, width)
+            and bool(mask[:open_positions].all())  # open positions form a prefix, as the Chroma rule makes them
             and bool(torch.isfinite(embeds).all())
         )
 
@@ -69,7 +73,26 @@ def _is_valid(max_length: int, width: int):
 
 
 def load_embedding(cache_dir: Path, key: str, max_length: int, width: int) -> dict[str, torch.Tensor] | None:
-    return load_tensors_checked(entry_file(cache_dir, key), _is_valid(max_length, width))
+    """The cached (prompt_embeds [max_length, width], attention_mask [max_length]), or None if missing or bad.
+
+    Only the open positions are stored; the closed ones come back as zeros. The transformer
+    never reads them (the mask closes them), so its input is what encoding on the fly gives.
+    """
+    tensors = load_tensors_checked(entry_file(cache_dir, key), _is_valid(max_length, width))
+    if tensors is None:
+        return None
+    embeds = tensors["prompt_embeds"]
+    padded = torch.zeros(max_length, width, dtype=embeds.dtype)
+    padded[: embeds.shape[0]] = embeds
+    return {"prompt_embeds": padded, "attention_mask": tensors["attention_mask"].long()}
+
+
+def save_embedding(cache_dir: Path, key: str, prompt_embeds: torch.Tensor, attention_mask: torch.Tensor) -> int:
+    """Write one entry with only its open positions; returns the bytes on disk."""
+    open_positions = int(attention_mask.sum())
+    path = entry_file(cache_dir, key)
+    save_tensors_atomic(path, {"prompt_embeds": prompt_embeds[:open_positions], "attention_mask": attention_mask.bool()})
+    return path.stat().st_size
 
 
 def encode_texts(
@@ -87,7 +110,8 @@ def encode_texts(
 ) -> tuple[list[EmbeddingEntry], dict[str, int]]:
     """Cache an embedding for every distinct text; `texts_by_role` holds (role, text) pairs.
 
-    `load_encoder` returns (tokenizer, text_encoder) and is called only if something is missing.
+    `load_encoder` returns (tokenizer, text_encoder) and is called only if something is missing;
+    the encoder is released when this returns.
     """
     entries: dict[tuple[str, str], EmbeddingEntry] = {}
     for role, text in texts_by_role:
@@ -98,17 +122,27 @@ def encode_texts(
     distinct = {e.cache_key: e.text for e in entries.values()}
     missing = [(key, text) for key, text in distinct.items() if load_embedding(cache_dir, key, max_length, width) is None]
     tokenizer, text_encoder = load_encoder() if missing else (None, None)
+    started = time.perf_counter()
     for start in range(0, len(missing), batch_size):
         batch = missing[start : start + batch_size]
         prompt_embeds, attention_mask = encode_prompts(
             [text for _, text in batch], tokenizer, text_encoder, max_length, padding, device, dtype
         )
         for i, (key, _text) in enumerate(batch):
-            save_tensors_atomic(
-                entry_file(cache_dir, key), {"prompt_embeds": prompt_embeds[i], "attention_mask": attention_mask[i]}
-            )
-        log(f"encoded {min(start + batch_size, len(missing))}/{len(missing)} texts")
-    return list(entries.values()), {"encoded": len(missing), "reused": len(distinct) - len(missing)}
+            save_embedding(cache_dir, key, prompt_embeds[i], attention_mask[i])
+        done = min(start + batch_size, len(missing))
+        if done == len(missing) or (start // batch_size) % 25 == 0:
+            rate = done / max(time.perf_counter() - started, 1e-9)
+            log(f"encoded {done}/{len(missing)} texts, {rate:.1f} texts/s, ETA {(len(missing) - done) / rate:.0f}s")
+
+    bytes_on_disk = sum(entry_file(cache_dir, key).stat().st_size for key in distinct)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    bytes_unpruned = len(distinct) * (max_length * width * itemsize + max_length)
+    stats = {
+        "encoded": len(missing), "reused": len(distinct) - len(missing),
+        "bytes_on_disk": bytes_on_disk, "bytes_unpruned": bytes_unpruned,
+    }
+    return list(entries.values()), stats
 
 
 def write_embedding_index(entries: list[EmbeddingEntry], path: Path) -> None:

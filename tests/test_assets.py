@@ -2,15 +2,14 @@
 
 import json
 
-from dagster import DagsterInstance, materialize
+from dagster import DagsterInstance
 
-from assets import raw_dataset
-from assets.definitions import make_resources
+from assets.definitions import materialize_chain
 
 
 def _materialize_raw(config_path):
-    return materialize([raw_dataset], resources=make_resources(str(config_path), device="cpu"),
-                       instance=DagsterInstance.ephemeral(), raise_on_error=False)
+    scan = ["raw_dataset/images", "raw_dataset/captions"]
+    return materialize_chain(str(config_path), DagsterInstance.ephemeral(), selection=scan, device="cpu", raise_on_error=False)
 
 
 def test_corrupt_and_uncaptioned_files_are_reported_not_dropped(small_project):
@@ -21,7 +20,8 @@ def test_corrupt_and_uncaptioned_files_are_reported_not_dropped(small_project):
 
     result = _materialize_raw(small_project)
     assert result.success
-    metadata = result.asset_materializations_for_node("raw_dataset")[0].metadata
+    metadata = next(e for e in result.get_asset_materialization_events()
+                    if e.asset_key.to_user_string() == "raw_dataset/images").step_materialization_data.materialization.metadata
     assert metadata["samples"].value == 8 and metadata["skipped"].value == 2
     assert metadata["skipped by reason"].value == {"unreadable": 1, "no caption": 1}
     assert "truncated.png" in metadata["skipped files"].value

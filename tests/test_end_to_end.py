@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from dagster import AssetKey, AssetRecordsFilter, DagsterInstance, materialize
+from dagster import AssetKey, AssetRecordsFilter, DagsterInstance
 from diffusers import AutoencoderKL, ChromaPipeline
 from safetensors.torch import load_file
 
@@ -16,33 +16,35 @@ import chroma_pipeline.grid as grid_module
 import chroma_pipeline.quantize as quantize_module
 import chroma_pipeline.text as text_module
 import chroma_pipeline.train as train_module
-from assets import ALL_ASSETS
-from assets.definitions import defs, make_resources
+from assets.definitions import defs, materialize_chain
 from tests.conftest import write_config
 
 REPO = Path(__file__).resolve().parents[1]
 EDGES = {
-    "raw_dataset": set(),
-    "image_latents": {"raw_dataset"},
-    "text_embeddings": {"raw_dataset"},
+    "raw_dataset/images": set(),
+    "raw_dataset/captions": set(),
+    "image_latents": {"raw_dataset/images"},
+    "text_embeddings": {"raw_dataset/captions"},
     "quantized_base_model": set(),
     "lora_adapter": {"image_latents", "text_embeddings", "quantized_base_model"},
     "validation_grid": {"lora_adapter", "quantized_base_model", "text_embeddings"},
 }
 
 
-def test_code_location_has_the_six_assets_and_their_lineage():
+def test_code_location_has_the_six_steps_and_their_lineage():
+    # Six steps; raw_dataset is one scan with two assets (images, captions) so each branch has its own version.
     graph = defs.resolve_asset_graph()
     keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
     assert keys == set(EDGES)
+    assert defs.get_assets_def(AssetKey(["raw_dataset", "images"])).node_def.name == "raw_dataset"
     for name, parents in EDGES.items():
-        assert {k.to_user_string() for k in graph.get(AssetKey(name)).parent_keys} == parents
+        assert {k.to_user_string() for k in graph.get(AssetKey.from_user_string(name)).parent_keys} == parents
 
 
 @pytest.fixture
 def work_counter(monkeypatch):
     counts = {"vae": 0, "t5": 0, "quantize": 0, "train": 0, "render": 0}
-    encode, prompts, quantize = AutoencoderKL.encode, text_module.encode_prompts, quantize_module.quantize_transformer
+    encode, prompts, quantize = AutoencoderKL.encode, text_module.encode_prompts, quantize_module.quantize_model
     train, render = train_module.train_lora, grid_module.render
 
     def count(name, fn):
@@ -53,14 +55,14 @@ def work_counter(monkeypatch):
 
     monkeypatch.setattr(AutoencoderKL, "encode", count("vae", encode))
     monkeypatch.setattr(text_module, "encode_prompts", count("t5", prompts))
-    monkeypatch.setattr(quantize_module, "quantize_transformer", count("quantize", quantize))
+    monkeypatch.setattr(quantize_module, "quantize_model", count("quantize", quantize))
     monkeypatch.setattr(train_module, "train_lora", count("train", train))
     monkeypatch.setattr(grid_module, "render", count("render", render))
     return counts
 
 
 def _materialize(config_path, instance):
-    result = materialize(ALL_ASSETS, resources=make_resources(str(config_path), device="cpu"), instance=instance)
+    result = materialize_chain(str(config_path), instance, device="cpu")
     assert result.success
     return {
         event.asset_key.to_user_string(): event.step_materialization_data.materialization
@@ -120,8 +122,7 @@ def test_trained_adapter_loads_in_chroma_pipeline_and_changes_the_output(small_p
 def test_bad_config_fails_before_any_work(tmp_path):
     config = write_config(tmp_path / "bad.json", {"model_flavour": "turbo", "output_dir": str(tmp_path / "out"),
                                                   "instance_data_dir": str(tmp_path)})
-    result = materialize(ALL_ASSETS, resources=make_resources(str(config), device="cpu"),
-                         instance=DagsterInstance.ephemeral(), raise_on_error=False)
+    result = materialize_chain(str(config), DagsterInstance.ephemeral(), device="cpu", raise_on_error=False)
     assert not result.success
     failure = next(e for e in result.all_events if e.is_failure)
     assert "model_flavour" in str(failure.event_specific_data.error) and "'turbo'" in str(failure.event_specific_data.error)
@@ -140,7 +141,9 @@ def test_dagster_cli_materializes_exactly_six_assets_in_order(small_project, tmp
     instance = DagsterInstance.from_config(str(tmp_path))
     materialized_at = {}
     for name in EDGES:
-        records = instance.fetch_materializations(AssetRecordsFilter(asset_key=AssetKey(name)), limit=10).records
+        records = instance.fetch_materializations(
+            AssetRecordsFilter(asset_key=AssetKey.from_user_string(name)), limit=10
+        ).records
         assert len(records) == 1, f"{name} materialized {len(records)} times"
         materialized_at[name] = records[0].storage_id
     for name, parents in EDGES.items():  # dependency order: every parent before its child

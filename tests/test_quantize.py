@@ -31,7 +31,7 @@ def test_saved_model_reloads_without_quantizing_and_stays_close(precision, tiny_
     def no_quantizing(*args, **kwargs):
         raise AssertionError("reloading must not quantize again")
 
-    monkeypatch.setattr(quantize_module, "quantize_transformer", no_quantizing)
+    monkeypatch.setattr(quantize_module, "quantize_model", no_quantizing)
     reloaded = quantize_module.load_quantized(tmp_path / "q", "cpu")
     error = ((_forward(reloaded) - reference).norm() / reference.norm()).item()
     assert error < TOLERANCE[precision]
