@@ -67,6 +67,7 @@ def test_edited_caption_reencodes_exactly_that_caption(small_project, counters):
     assert counters["texts"] == 12 + 1
     assert counters["images"] == 9  # latents untouched
     assert texts.stats["encoded"] == 1 and texts.data_version != first_texts.data_version
+    assert texts.stats["dropped"] == 1  # the old caption's entry left the index
 
 
 def test_replaced_image_reencodes_exactly_that_image(small_project, counters):
@@ -92,3 +93,56 @@ def test_changing_encoder_settings_reencodes_every_text(small_project, counters)
     write_config(small_project, {**values, "tokenizer_max_length": 32})
     _, texts = _run(small_project)
     assert texts.stats["encoded"] == 12 and counters["images"] == 9
+
+
+@pytest.mark.parametrize("padding", ["unmodified", "zero"])
+def test_pruned_cache_gives_the_transformer_the_same_input_as_encoding_on_the_fly(tiny_model_dir, tmp_path, padding):
+    import torch
+
+    from chroma_pipeline import flow
+    from chroma_pipeline.models import load_text_encoder, load_tokenizer, load_transformer
+    from chroma_pipeline.text import encode_prompts, load_embedding, save_embedding
+
+    tokenizer, encoder = load_tokenizer(tiny_model_dir), load_text_encoder(tiny_model_dir, torch.float32)
+    on_the_fly, mask = encode_prompts(["a red circle on a blue background"], tokenizer, encoder, 512, padding, "cpu",
+                                      torch.float32)
+    size = save_embedding(tmp_path, "key", on_the_fly[0], mask[0])
+    cached = load_embedding(tmp_path, "key", 512, 32)
+
+    open_positions = int(mask.sum())
+    assert torch.equal(cached["attention_mask"], mask[0])
+    assert torch.equal(cached["prompt_embeds"][:open_positions], on_the_fly[0, :open_positions])
+    if padding == "zero":
+        assert torch.equal(cached["prompt_embeds"], on_the_fly[0])  # nothing was dropped but zeros
+    assert size < 0.1 * 512 * 32 * 4  # a 10-token caption does not pay for 512 positions
+
+    transformer = load_transformer(tiny_model_dir, torch.float32).eval()
+    noisy = torch.randn(1, 16, 64, generator=torch.Generator().manual_seed(0))
+    ids = flow.image_position_ids(8, 8)
+    with torch.no_grad():
+        expected = flow.predict_velocity(transformer, noisy, torch.tensor([0.4]), on_the_fly, mask, ids)
+        actual = flow.predict_velocity(transformer, noisy, torch.tensor([0.4]), cached["prompt_embeds"][None],
+                                       cached["attention_mask"][None], ids)
+    assert torch.equal(actual, expected)
+
+
+def test_an_8bit_text_encoder_is_its_own_cache_and_stays_close(small_project, counters):
+    import torch
+
+    _run(small_project)
+    values = __import__("json").loads(small_project.read_text())
+    write_config(small_project, {**values, "text_encoder_precision": "int8-quanto"})
+    _, texts = _run(small_project)
+    assert texts.stats["encoded"] == 12  # a different encoder never reuses the full-precision cache
+
+    from chroma_pipeline.text import load_embedding, read_embedding_index
+
+    cache = small_project.parent / "output" / "cache"
+    entries = [e for e in read_embedding_index(cache / "text_embeddings_index.parquet") if e.role == "caption"]
+    eight_bit = load_embedding(cache / "text_embeddings", entries[0].cache_key, 64, 32)["prompt_embeds"]
+    write_config(small_project, values)
+    _run(small_project)
+    entries = [e for e in read_embedding_index(cache / "text_embeddings_index.parquet") if e.role == "caption"]
+    full = load_embedding(cache / "text_embeddings", entries[0].cache_key, 64, 32)["prompt_embeds"]
+    assert 0 < ((eight_bit - full).norm() / full.norm()).item() < 0.05
+    assert torch.isfinite(eight_bit).all()

@@ -1,0 +1,161 @@
+"""What Dagster shows and automation does after each kind of change, tick by tick.
+
+Each test materializes the whole chain, changes one thing, and then asserts three things
+a user relies on: which assets Dagster calls unsynced (and why), which assets the
+automation sensor requests, and how much real work (encodes, quantization, training)
+running those requests costs.
+"""
+
+import json
+
+import pytest
+from dagster import AssetKey, DagsterInstance, evaluate_automation_conditions
+from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleCauseCategory, StaleStatus
+from dagster._core.loader import LoadingContextForTest
+from diffusers import AutoencoderKL
+from PIL import Image
+
+import chroma_pipeline.quantize as quantize_module
+import chroma_pipeline.text as text_module
+import chroma_pipeline.train as train_module
+from assets.definitions import build_definitions, materialize_chain
+from tests.conftest import write_config
+
+SCAN = {"raw_dataset/images", "raw_dataset/captions"}
+pytestmark = pytest.mark.slow
+
+
+class Project:
+    """A tiny-flavour project driven the way the Dagster daemon and UI drive it."""
+
+    def __init__(self, config_path, monkeypatch):
+        self.config_path = config_path
+        self.instance = DagsterInstance.ephemeral()
+        self.cursor = None
+        self.work = {"images": 0, "texts": 0, "quantize": 0, "train": 0}
+        self._count(monkeypatch)
+
+    def _count(self, monkeypatch):
+        encode, prompts = AutoencoderKL.encode, text_module.encode_prompts
+        quantize, train = quantize_module.quantize_model, train_module.train_lora
+
+        def images(vae, pixels, *args, **kwargs):
+            self.work["images"] += pixels.shape[0]
+            return encode(vae, pixels, *args, **kwargs)
+
+        def texts(batch, *args, **kwargs):
+            self.work["texts"] += len(batch)
+            return prompts(batch, *args, **kwargs)
+
+        def counted(name, fn):
+            def wrapper(*args, **kwargs):
+                self.work[name] += 1
+                return fn(*args, **kwargs)
+            return wrapper
+
+        monkeypatch.setattr(AutoencoderKL, "encode", images)
+        monkeypatch.setattr(text_module, "encode_prompts", texts)
+        monkeypatch.setattr(quantize_module, "quantize_model", counted("quantize", quantize))
+        monkeypatch.setattr(train_module, "train_lora", counted("train", train))
+
+    def definitions(self):
+        # Built afresh each time, as reloading the code location does after a config edit.
+        return build_definitions(str(self.config_path), device="cpu")
+
+    def materialize(self, selection=None):
+        result = materialize_chain(str(self.config_path), self.instance, selection=sorted(selection) if selection else None,
+                                   device="cpu")
+        assert result.success
+
+    def unsynced(self) -> dict[str, set]:
+        """Asset -> categories of why Dagster calls it stale (what the UI shows as "Unsynced")."""
+        graph = self.definitions().resolve_asset_graph()
+        resolver = CachingStaleStatusResolver(self.instance, graph, LoadingContextForTest(self.instance))
+        return {
+            key.to_user_string(): {cause.category for cause in resolver.get_stale_causes(key)}
+            for key in graph.materializable_asset_keys
+            if resolver.get_status(key) == StaleStatus.STALE
+        }
+
+    def tick(self) -> set[str]:
+        """One evaluation of the automation sensor; returns the assets it requests."""
+        result = evaluate_automation_conditions(defs=self.definitions(), instance=self.instance, cursor=self.cursor)
+        self.cursor = result.cursor
+        graph = self.definitions().resolve_asset_graph()
+        return {key.to_user_string() for key in graph.materializable_asset_keys if result.get_num_requested(key)}
+
+    def run_automation(self) -> set[str]:
+        """Tick, run what was requested (as the sensor's run would), and tick again."""
+        requested = self.tick()
+        if requested:
+            self.materialize(requested)
+        assert self.tick() == set(), "a second tick after the run must request nothing"
+        return requested
+
+    def set(self, **settings):
+        write_config(self.config_path, {**json.loads(self.config_path.read_text()), **settings})
+
+
+@pytest.fixture
+def project(small_project, monkeypatch):
+    project = Project(small_project, monkeypatch)
+    project.materialize()
+    assert project.tick() == set()  # a fully materialized chain gives the sensor nothing to do
+    project.work.update(images=0, texts=0, quantize=0, train=0)
+    return project
+
+
+def test_editing_one_caption_reruns_the_caption_branch_and_encodes_one_caption(project):
+    caption = sorted((project.config_path.parent / "dataset").glob("*.txt"))[2]
+    caption.write_text("a green square on a purple background, edited caption")
+    project.materialize(SCAN)  # the dataset scan (a sensor or a person starts it)
+
+    assert project.unsynced() == {"text_embeddings": {StaleCauseCategory.DATA}}
+    assert project.run_automation() == {"text_embeddings", "lora_adapter", "validation_grid"}
+    assert project.work == {"images": 0, "texts": 1, "quantize": 0, "train": 1}
+    assert project.unsynced() == {}
+
+
+def test_editing_one_image_reruns_the_image_branch_and_encodes_one_image(project):
+    image = sorted((project.config_path.parent / "dataset").glob("*.png"))[4]
+    Image.new("RGB", Image.open(image).size, "orange").save(image)
+    project.materialize(SCAN)
+
+    assert project.unsynced() == {"image_latents": {StaleCauseCategory.DATA}}
+    assert project.run_automation() == {"image_latents", "lora_adapter", "validation_grid"}
+    assert project.work == {"images": 1, "texts": 0, "quantize": 0, "train": 1}
+
+
+def test_encoder_settings_reencode_every_caption_and_learning_rate_only_retrains(project):
+    project.set(tokenizer_max_length=32)
+    assert project.unsynced() == {"text_embeddings": {StaleCauseCategory.CODE}}
+    assert project.run_automation() == {"text_embeddings", "lora_adapter", "validation_grid"}
+    assert project.work == {"images": 0, "texts": 12, "quantize": 0, "train": 1}
+
+    project.set(learning_rate=2e-4)
+    assert project.unsynced() == {"lora_adapter": {StaleCauseCategory.CODE}}
+    assert project.run_automation() == {"lora_adapter", "validation_grid"}
+    assert project.work == {"images": 0, "texts": 12, "quantize": 0, "train": 2}
+
+
+def test_a_new_base_model_precision_requantizes_and_retrains_only(project):
+    project.set(base_model_precision="int4-quanto")
+    assert project.unsynced() == {"quantized_base_model": {StaleCauseCategory.CODE}}
+    assert project.run_automation() == {"quantized_base_model", "lora_adapter", "validation_grid"}
+    assert project.work == {"images": 0, "texts": 0, "quantize": 1, "train": 1}
+
+
+def test_nothing_changed_means_nothing_unsynced_requested_or_recomputed(project):
+    project.materialize(SCAN)  # a forced rescan: same content, same data versions
+    assert project.unsynced() == {}
+    assert project.tick() == set()
+    project.materialize()  # even forcing the whole chain recomputes nothing
+    assert project.work == {"images": 0, "texts": 0, "quantize": 0, "train": 0}
+    assert project.unsynced() == {}
+    assert project.tick() == set()
+
+
+def test_the_automation_sensor_is_declared_and_running_by_default():
+    sensor = build_definitions().get_sensor_def("chroma_automation")
+    assert sensor.default_status.value == "RUNNING"
+    assert AssetKey("lora_adapter") in sensor.asset_selection.resolve(build_definitions().resolve_asset_graph())
