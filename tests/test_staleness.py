@@ -145,6 +145,22 @@ def test_a_new_base_model_precision_requantizes_and_retrains_only(project):
     assert project.work == {"images": 0, "texts": 0, "quantize": 1, "train": 1}
 
 
+def test_a_new_validation_prompt_rerenders_the_grid_without_retraining(project):
+    project.set(validation_prompt=["a purple triangle on a white background"])
+    assert project.unsynced() == {"text_embeddings": {StaleCauseCategory.CODE}, "validation_grid": {StaleCauseCategory.CODE}}
+    assert project.run_automation() == {"text_embeddings", "lora_adapter", "validation_grid"}
+    assert project.work == {"images": 0, "texts": 1, "quantize": 0, "train": 0}  # the adapter is reused
+
+
+def test_renaming_files_costs_no_encoding_and_no_training(project):
+    for path in sorted((project.config_path.parent / "dataset").iterdir()):
+        path.rename(path.with_name("renamed-" + path.name))
+    project.materialize(SCAN)
+    assert project.unsynced() == {"text_embeddings": {StaleCauseCategory.DATA}}  # which file has which caption
+    project.run_automation()
+    assert project.work == {"images": 0, "texts": 0, "quantize": 0, "train": 0}
+
+
 def test_nothing_changed_means_nothing_unsynced_requested_or_recomputed(project):
     project.materialize(SCAN)  # a forced rescan: same content, same data versions
     assert project.unsynced() == {}
