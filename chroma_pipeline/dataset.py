@@ -8,14 +8,13 @@ or mtimes, so renaming or touching a file changes nothing downstream.
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
-from .storage import atomic_path, sha256_file, sha256_text
+from .storage import read_rows, sha256_file, sha256_text, write_rows_atomic
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -86,15 +85,11 @@ def scan_dataset(root: Path) -> list[ManifestRow]:
 
 
 def write_manifest(rows: list[ManifestRow], path: Path) -> None:
-    table = pa.Table.from_pylist([asdict(row) for row in rows], schema=_SCHEMA)
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+    write_rows_atomic(rows, _SCHEMA, path)
 
 
 def read_manifest(path: Path) -> list[ManifestRow]:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"no dataset manifest at {path}: materialize raw_dataset first")
-    return [ManifestRow(**row) for row in pq.read_table(path).to_pylist()]
+    return read_rows(path, ManifestRow, "raw_dataset")
 
 
 def usable(rows: list[ManifestRow]) -> list[ManifestRow]:

@@ -9,16 +9,15 @@ training can draw a fresh latent each time; the Chroma scaling is applied on use
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from .buckets import bucket_for, fit_to_bucket, load_rgb, to_model_input
 from .dataset import ManifestRow
-from .storage import atomic_path, combine_hashes, load_tensors_checked, save_tensors_atomic
+from .storage import combine_hashes, load_tensors_checked, read_rows, save_tensors_atomic, write_rows_atomic
 
 CROP_STYLE = "center"
 VAE_DOWNSCALE = 8
@@ -115,15 +114,11 @@ def encode_dataset(
 
 
 def write_latent_index(entries: list[LatentEntry], path: Path) -> None:
-    table = pa.Table.from_pylist([asdict(e) for e in entries], schema=_INDEX_SCHEMA)
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+    write_rows_atomic(entries, _INDEX_SCHEMA, path)
 
 
 def read_latent_index(path: Path) -> list[LatentEntry]:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"no latent index at {path}: materialize image_latents first")
-    return [LatentEntry(**row) for row in pq.read_table(path).to_pylist()]
+    return read_rows(path, LatentEntry, "image_latents")
 
 
 _INDEX_SCHEMA = pa.schema(

@@ -9,8 +9,11 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -77,6 +80,20 @@ def load_tensors_checked(path: Path, expected: Callable[[dict[str, torch.Tensor]
     if expected is not None and not expected(tensors):
         return None
     return tensors
+
+
+def write_rows_atomic(rows: list, schema: pa.Schema, path: Path) -> None:
+    """Write dataclass rows as one Parquet table, atomically."""
+    table = pa.Table.from_pylist([asdict(row) for row in rows], schema=schema)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def read_rows(path: Path, row_type, made_by: str) -> list:
+    """Read a Parquet table written by `write_rows_atomic` back into `row_type` rows."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} does not exist yet: materialize {made_by} first")
+    return [row_type(**row) for row in pq.read_table(path).to_pylist()]
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

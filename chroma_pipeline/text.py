@@ -9,14 +9,13 @@ embedding, so training and sampling never rebuild it differently.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
-from .storage import atomic_path, combine_hashes, load_tensors_checked, save_tensors_atomic, sha256_text
+from .storage import combine_hashes, load_tensors_checked, read_rows, save_tensors_atomic, sha256_text, write_rows_atomic
 
 
 @dataclass
@@ -146,15 +145,11 @@ def encode_texts(
 
 
 def write_embedding_index(entries: list[EmbeddingEntry], path: Path) -> None:
-    table = pa.Table.from_pylist([asdict(e) for e in entries], schema=_INDEX_SCHEMA)
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+    write_rows_atomic(entries, _INDEX_SCHEMA, path)
 
 
 def read_embedding_index(path: Path) -> list[EmbeddingEntry]:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"no embedding index at {path}: materialize text_embeddings first")
-    return [EmbeddingEntry(**row) for row in pq.read_table(path).to_pylist()]
+    return read_rows(path, EmbeddingEntry, "text_embeddings")
 
 
 _INDEX_SCHEMA = pa.schema(
