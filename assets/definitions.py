@@ -3,7 +3,8 @@
 The config file comes from $CHROMA_CONFIG (default: the demo's `chroma-demo/config.jsonc`).
 It is read when the code location loads, to give every asset a code version made of the
 settings it reads: edit `learning_rate`, reload the code location, and Dagster shows
-`lora_adapter` (only) as unsynced because its code version changed.
+`lora_adapter` (only) as unsynced because its code version changed. A config that does not
+load fails the code location with the reason.
 """
 
 from __future__ import annotations
@@ -15,24 +16,23 @@ from dagster import (
     AssetKey,
     AssetSelection,
     AssetSpec,
-    AutomationCondition,
     AutomationConditionSensorDefinition,
     DefaultSensorStatus,
     Definitions,
     define_asset_job,
+    definitions,
     in_process_executor,
     map_asset_specs,
 )
 
-from chroma_pipeline.config import ChromaConfig, ConfigError, load_config
-from chroma_pipeline.steps import STEP_SETTINGS
+from chroma_pipeline.config import ChromaConfig, load_config
 from resources import ArtifactStore, ChromaConfigResource, GPUResource
 
 from . import ALL_ASSETS
+from ._versions import step_code_version
+from .automation import on_unsynced
 
 DEFAULT_CONFIG = "chroma-demo/config.jsonc"
-# Bump when a step's code changes what it produces, so Dagster marks its results stale.
-CODE_VERSION = "1"
 
 
 def make_resources(config_path: str | None = None, device: str | None = None) -> dict:
@@ -43,52 +43,24 @@ def make_resources(config_path: str | None = None, device: str | None = None) ->
     }
 
 
-def on_upstream_change() -> AutomationCondition:
-    """Like `eager()`, but a parent counts as changed only when its data version changed.
-
-    A forced re-materialization that produced the same data version requests nothing, and a
-    settings change (a new code version) requests the asset itself. Parents requested on
-    the same tick pull their children into the same run, so a caption edit becomes one run.
-    """
-    parent_changed = AutomationCondition.any_deps_match(
-        (AutomationCondition.data_version_changed() & ~AutomationCondition.executed_with_root_target()).with_label(
-            "data version changed"
-        )
-        | AutomationCondition.will_be_requested()
-    )
-    return (
-        (AutomationCondition.newly_missing() | parent_changed | AutomationCondition.code_version_changed())
-        .since_last_handled()
-        & ~AutomationCondition.any_deps_missing()
-        & ~AutomationCondition.any_deps_in_progress()
-        & ~AutomationCondition.in_progress()
-    ).with_label("on upstream data-version or settings change")
-
-
-def _try_load(config_path: str) -> ChromaConfig | None:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return load_config(config_path)
-    except ConfigError:
-        return None  # the UI still loads; the run reports the problem before any work
-
-
-def chain_assets(config: ChromaConfig | None) -> list:
+def chain_assets(config: ChromaConfig) -> list:
     """The assets with code versions from `config` and the automation condition on every derived asset."""
 
     def configure(spec: AssetSpec) -> AssetSpec:
         step = spec.key.path[0]
-        settings = config.settings_hash(*STEP_SETTINGS[step]) if config else "unconfigured"
-        condition = None if step == "raw_dataset" else on_upstream_change()  # the scan is started by a person
-        return spec.replace_attributes(code_version=f"{CODE_VERSION}+{settings}", automation_condition=condition)
+        condition = None if step == "raw_dataset" else on_unsynced()  # the scan is started by a person
+        return spec.replace_attributes(code_version=step_code_version(config, step), automation_condition=condition)
 
     return map_asset_specs(configure, ALL_ASSETS)
 
 
 def build_definitions(config_path: str | None = None, device: str | None = None) -> Definitions:
     resources = make_resources(config_path, device)
-    config = _try_load(resources["chroma"].config_path)
+    # A config that does not load fails the code location with the reason: guessing code
+    # versions instead would make every asset look unsynced and start runs bound to fail.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # unknown keys are reported again in each run's log
+        config = load_config(resources["chroma"].config_path)
     jobs = [
         define_asset_job("full_chain", AssetSelection.all(), description="dataset scan to validation grid"),
         define_asset_job(
@@ -107,7 +79,8 @@ def build_definitions(config_path: str | None = None, device: str | None = None)
         target=AssetSelection.all(),
         default_status=DefaultSensorStatus.RUNNING,  # Dagster's own default sensor starts stopped
         minimum_interval_seconds=30,
-        description="re-materializes what a dataset scan or a settings change made stale, and nothing else",
+        use_user_code_server=True,  # our condition asks Dagster's stale-status resolver, in user code
+        description="re-materializes what Dagster shows as unsynced or missing, and nothing else",
     )
     # One process for the whole run: the VAE, T5 and the transformer must not be loaded side
     # by side by parallel steps, and every step runs on the same accelerator anyway.
@@ -127,4 +100,7 @@ def materialize_chain(config_path: str, instance, selection=None, device: str | 
     )
 
 
-defs = build_definitions()
+@definitions
+def defs() -> Definitions:
+    """Loaded when Dagster loads the code location, not when this module is imported."""
+    return build_definitions()

@@ -4,6 +4,7 @@ from chroma_pipeline.steps import build_latents
 from resources import ArtifactStore, ChromaConfigResource, GPUResource
 
 from ._metadata import markdown_table
+from ._versions import load_config_for
 from .raw_dataset import IMAGES
 
 
@@ -12,7 +13,7 @@ def image_latents(
     context: AssetExecutionContext, chroma: ChromaConfigResource, store: ArtifactStore, gpu: GPUResource
 ) -> MaterializeResult:
     """VAE latents of every usable image in its aspect bucket; only new or changed images are encoded."""
-    config = chroma.load(context.log)
+    config = load_config_for(context, chroma, "image_latents")
     result = build_latents(config, store.layout(config), gpu.info(), log=context.log.info)
     buckets = result.stats["buckets"]
     return MaterializeResult(

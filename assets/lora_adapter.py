@@ -4,6 +4,7 @@ from chroma_pipeline.steps import build_adapter
 from resources import ArtifactStore, ChromaConfigResource, GPUResource
 
 from ._metadata import image_markdown, loss_curve
+from ._versions import load_config_for
 from .image_latents import image_latents
 from .quantized_base_model import quantized_base_model
 from .text_embeddings import text_embeddings
@@ -14,7 +15,7 @@ def lora_adapter(
     context: AssetExecutionContext, chroma: ChromaConfigResource, store: ArtifactStore, gpu: GPUResource
 ) -> MaterializeResult:
     """A LoRA trained on the cached latents and embeddings, in diffusers format (`pytorch_lora_weights.safetensors`)."""
-    config = chroma.load(context.log)
+    config = load_config_for(context, chroma, "lora_adapter")
     device = gpu.info()
     context.log.info(f"training on {device.kind} ({device.name}) in {device.compute_dtype(config.mixed_precision)}")
     result = build_adapter(config, store.layout(config), device, log=context.log.info)

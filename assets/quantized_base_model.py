@@ -3,13 +3,15 @@ from dagster import AssetExecutionContext, DataVersion, MaterializeResult, Metad
 from chroma_pipeline.steps import build_quantized
 from resources import ArtifactStore, ChromaConfigResource, GPUResource
 
+from ._versions import load_config_for
+
 
 @asset(group_name="chroma", kinds={"safetensors", "pytorch"})
 def quantized_base_model(
     context: AssetExecutionContext, chroma: ChromaConfigResource, store: ArtifactStore, gpu: GPUResource
 ) -> MaterializeResult:
     """The Chroma transformer at `base_model_precision`, quantized once and reloaded by later steps."""
-    config = chroma.load(context.log)
+    config = load_config_for(context, chroma, "quantized_base_model")
     result = build_quantized(config, store.layout(config), gpu.info(), log=context.log.info)
     stats = result.stats
     metadata = {

@@ -6,6 +6,7 @@ from chroma_pipeline.steps import build_manifest
 from resources import ArtifactStore, ChromaConfigResource
 
 from ._metadata import markdown_table
+from ._versions import load_config_for
 
 # One scan, two assets: images and captions get separate data versions, so editing a
 # caption leaves image_latents in sync and editing pixels leaves text_embeddings in sync.
@@ -23,7 +24,7 @@ CAPTIONS = AssetKey(["raw_dataset", "captions"])
 )
 def raw_dataset(context: AssetExecutionContext, chroma: ChromaConfigResource, store: ArtifactStore):
     """Scan the dataset folder into a manifest: every file, its content hashes, or why it was skipped."""
-    config = chroma.load(context.log)
+    config = load_config_for(context, chroma, "raw_dataset")
     result, rows = build_manifest(config, store.layout(config))
     versions = result.stats["versions"]
     skipped = [row for row in rows if row.status != "ok"]

@@ -3,6 +3,7 @@ from dagster import AssetExecutionContext, DataVersion, MaterializeResult, Metad
 from chroma_pipeline.steps import build_embeddings
 from resources import ArtifactStore, ChromaConfigResource, GPUResource
 
+from ._versions import load_config_for
 from .raw_dataset import CAPTIONS
 
 
@@ -11,7 +12,7 @@ def text_embeddings(
     context: AssetExecutionContext, chroma: ChromaConfigResource, store: ArtifactStore, gpu: GPUResource
 ) -> MaterializeResult:
     """Masked T5 embeddings of every caption, the empty caption and the validation prompts."""
-    config = chroma.load(context.log)
+    config = load_config_for(context, chroma, "text_embeddings")
     result = build_embeddings(config, store.layout(config), gpu.info(), log=context.log.info)
     return MaterializeResult(
         data_version=DataVersion(result.data_version),

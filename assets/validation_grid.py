@@ -4,6 +4,7 @@ from chroma_pipeline.steps import build_grid
 from resources import ArtifactStore, ChromaConfigResource, GPUResource
 
 from ._metadata import image_markdown
+from ._versions import load_config_for
 from .lora_adapter import lora_adapter
 from .quantized_base_model import quantized_base_model
 from .text_embeddings import text_embeddings
@@ -14,7 +15,7 @@ def validation_grid(
     context: AssetExecutionContext, chroma: ChromaConfigResource, store: ArtifactStore, gpu: GPUResource
 ) -> MaterializeResult:
     """Validation prompts x seeds, base model beside the LoRA, rendered with diffusers' ChromaPipeline."""
-    config = chroma.load(context.log)
+    config = load_config_for(context, chroma, "validation_grid")
     result = build_grid(config, store.layout(config), gpu.info(), log=context.log.info)
     for cell in result.stats["blank_cells"]:
         context.log.warning(f"blank or black validation image: {cell}")

@@ -88,11 +88,11 @@ def component_identity(model_dir: Path, component: str) -> str:
     """
     folder = Path(model_dir) / component
     digest = hashlib.sha256(component.encode())
-    for path in sorted(folder.iterdir()):
-        if path.suffix == ".json":
-            digest.update(path.name.encode() + path.read_bytes())
-        elif path.suffix == ".safetensors":
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        if path.suffix == ".safetensors":
             digest.update(f"{path.name}:{weights_digest(path)}".encode())
+        elif path.stat().st_size < 64 * 2**20:  # configs, tokenizer.json, spiece.model; never a stray .bin
+            digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()[:16]
 
 

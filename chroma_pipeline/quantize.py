@@ -31,10 +31,14 @@ def _quanto_weights(precision: str):
     }[precision]
 
 
-def quantized_model_key(transformer_identity: str, precision: str, dtype: torch.dtype) -> str:
-    from optimum.quanto import __version__ as quanto_version
+def quanto_version() -> str:
+    from optimum.quanto import __version__
 
-    return combine_hashes(transformer_identity, precision, str(dtype), ",".join(KEEP_FULL_PRECISION), quanto_version)
+    return __version__
+
+
+def quantized_model_key(transformer_identity: str, precision: str, dtype: torch.dtype) -> str:
+    return combine_hashes(transformer_identity, precision, str(dtype), ",".join(KEEP_FULL_PRECISION), quanto_version())
 
 
 def is_complete(folder: Path) -> bool:

@@ -18,8 +18,8 @@ from .config import ChromaConfig
 from .dataset import ManifestRow, read_manifest, scan_dataset, usable, write_manifest
 from .device import DeviceInfo, seed_everything
 from .latents import encode_dataset, read_latent_index, write_latent_index
-from .quantize import is_complete, load_quantized, quantize_model, quantized_model_key, save_quantized
-from .storage import atomic_dir, combine_hashes, sha256_text, write_json_atomic
+from .quantize import is_complete, load_quantized, quantize_model, quantized_model_key, quanto_version, save_quantized
+from .storage import atomic_dir, combine_hashes, write_json_atomic
 from .text import encode_texts, load_embedding, read_embedding_index, write_embedding_index
 
 TRAINING_KEYS = (
@@ -32,19 +32,20 @@ VALIDATION_KEYS = (
     "validation_num_inference_steps", "validation_resolution",
 )
 MODEL_KEYS = ("model_flavour", "pretrained_model_name_or_path", "revision", "mixed_precision")
+# output_dir belongs to every step: pointing it elsewhere leaves all artifacts to be made again.
 
 # The settings each step reads. A change to one of them changes that step's code version
 # in Dagster (and only that step's), which is how the UI shows a setting made it stale.
 STEP_SETTINGS = {
-    "raw_dataset": ("instance_data_dir",),
-    "image_latents": (*MODEL_KEYS, "resolution", "resolution_type"),
+    "raw_dataset": ("output_dir", "instance_data_dir"),
+    "image_latents": ("output_dir", *MODEL_KEYS, "resolution", "resolution_type"),
     "text_embeddings": (
-        *MODEL_KEYS, "tokenizer_max_length", "flux_t5_padding", "text_encoder_precision",
+        "output_dir", *MODEL_KEYS, "tokenizer_max_length", "flux_t5_padding", "text_encoder_precision",
         "validation_prompt", "validation_negative_prompt",
     ),
-    "quantized_base_model": (*MODEL_KEYS, "base_model_precision"),
-    "lora_adapter": TRAINING_KEYS,
-    "validation_grid": VALIDATION_KEYS,
+    "quantized_base_model": ("output_dir", *MODEL_KEYS, "base_model_precision"),
+    "lora_adapter": ("output_dir", *TRAINING_KEYS),
+    "validation_grid": ("output_dir", *VALIDATION_KEYS),
 }
 
 
@@ -102,8 +103,8 @@ class StepResult:
 class DatasetVersions:
     """raw_dataset has two faces with separate versions, so a caption edit never invalidates latents."""
 
-    images: str  # image content only: renames and caption edits leave it alone
-    captions: str  # which caption goes with which file
+    images: str  # which pixels are in which file: caption edits leave it alone
+    captions: str  # which caption is in which file: image edits leave it alone
 
 
 def build_manifest(config: ChromaConfig, layout: Layout) -> tuple[StepResult, list[ManifestRow]]:
@@ -118,7 +119,7 @@ def build_manifest(config: ChromaConfig, layout: Layout) -> tuple[StepResult, li
         )
     write_manifest(rows, layout.manifest)
     versions = DatasetVersions(
-        images=combine_hashes(*sorted(r.image_sha256 for r in ok)),
+        images=combine_hashes(*sorted(f"{r.path}:{r.image_sha256}" for r in ok)),
         captions=combine_hashes(*sorted(f"{r.path}:{r.caption_sha256}" for r in ok)),
     )
     stats = {"samples": len(ok), "skipped": len(rows) - len(ok), "versions": versions}
@@ -158,18 +159,18 @@ def build_latents(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=
     write_latent_index(entries, layout.latent_index)
     buckets = Counter(f"{e.bucket_width}x{e.bucket_height}" for e in entries)
     stats.update(samples=len(entries), buckets=dict(sorted(buckets.items())))
-    return StepResult(combine_hashes(*sorted(e.cache_key for e in entries)), layout.latent_index, stats)
+    return StepResult(combine_hashes(*sorted(f"{e.path}:{e.cache_key}" for e in entries)), layout.latent_index, stats)
 
 
 # --- text_embeddings -----------------------------------------------------------------
 
 
-def texts_to_encode(config: ChromaConfig, rows: list[ManifestRow]) -> list[tuple[str, str]]:
+def texts_to_encode(config: ChromaConfig, rows: list[ManifestRow]) -> list[tuple[str, str, str]]:
     """Captions, the empty caption (for caption dropout and CFG), validation and negative prompts."""
-    texts = [("caption", row.caption) for row in rows]
-    texts.append(("empty", ""))
-    texts += [("validation", prompt) for prompt in config.validation_prompts]
-    texts.append(("negative", config.validation_negative_prompt))
+    texts = [("caption", row.caption, row.path) for row in rows]
+    texts.append(("empty", "", ""))
+    texts += [("validation", prompt, "") for prompt in config.validation_prompts]
+    texts.append(("negative", config.validation_negative_prompt, ""))
     return texts
 
 
@@ -191,7 +192,7 @@ def build_embeddings(config: ChromaConfig, layout: Layout, device: DeviceInfo, l
 
     identity = combine_hashes(
         models.component_identity(model_dir, "text_encoder"), models.component_identity(model_dir, "tokenizer"),
-        config.text_encoder_precision,
+        config.text_encoder_precision, quanto_version() if config.text_encoder_precision != "no_change" else "",
     )
     previous = {e.cache_key for e in read_embedding_index(layout.embedding_index)} if layout.embedding_index.is_file() else set()
     entries, stats = encode_texts(
@@ -205,18 +206,16 @@ def build_embeddings(config: ChromaConfig, layout: Layout, device: DeviceInfo, l
     write_embedding_index(entries, layout.embedding_index)
     current = {e.cache_key for e in entries}
     stats.update(distinct_texts=len(current), dropped=len(previous - current))
-    return StepResult(embeddings_version(rows, entries), layout.embedding_index, stats)
+    return StepResult(embeddings_version(entries), layout.embedding_index, stats)
 
 
-def embeddings_version(rows: list[ManifestRow], entries) -> str:
+def embeddings_version(entries) -> str:
     """What training reads from this cache: each file's caption embedding and the empty one.
 
     Validation prompts are left out on purpose: a new prompt re-renders the grid (its own
     code version says so) but must not make the adapter look out of date.
     """
-    keys = {(e.role, e.text_sha256): e.cache_key for e in entries}
-    pairs = [f"{row.path}:{keys[('caption', row.caption_sha256)]}" for row in rows]
-    return combine_hashes(*sorted(pairs), keys[("empty", sha256_text(""))])
+    return combine_hashes(*sorted(f"{e.role}:{e.path}:{e.cache_key}" for e in entries if e.role in ("caption", "empty")))
 
 
 # --- quantized_base_model ------------------------------------------------------------
@@ -267,18 +266,21 @@ def training_samples(layout: Layout):
     """Pair every cached latent with its caption's cached embedding; returns (samples, empty caption key)."""
     from .train import TrainingSample
 
-    # Joined by content hashes, not paths: a renamed file needs no re-encoding to train.
-    latents = {e.image_sha256: e for e in read_latent_index(layout.latent_index)}
+    # The two indexes, not the live manifest: a scan that lands mid-run cannot pair a latent
+    # with a caption its cache never saw. Each index records the files it was built from.
+    latents = {e.path: e for e in read_latent_index(layout.latent_index)}
     texts = read_embedding_index(layout.embedding_index)
-    caption_keys = {e.text_sha256: e.cache_key for e in texts if e.role == "caption"}
+    captions = {e.path: e.cache_key for e in texts if e.role == "caption"}
     empty_keys = [e.cache_key for e in texts if e.role == "empty"]
-    samples = []
-    for row in usable(read_manifest(layout.manifest)):
-        if row.image_sha256 not in latents:
-            raise RuntimeError(f"{row.path} has no cached latent: re-materialize image_latents")
-        if row.caption_sha256 not in caption_keys or not empty_keys:
-            raise RuntimeError(f"{row.path}: its caption has no cached embedding: re-materialize text_embeddings")
-        samples.append(TrainingSample(latents[row.image_sha256], caption_keys[row.caption_sha256]))
+    if latents.keys() != captions.keys() or not empty_keys:
+        only_images = sorted(latents.keys() - captions.keys())[:3]
+        only_captions = sorted(captions.keys() - latents.keys())[:3]
+        raise RuntimeError(
+            "image_latents and text_embeddings were built from different scans of the dataset "
+            f"(only in latents: {only_images}, only in embeddings: {only_captions}); re-materialize whichever is "
+            "unsynced in Dagster (the automation sensor does it on its own)"
+        )
+    samples = [TrainingSample(latents[path], captions[path]) for path in sorted(latents)]
     return samples, empty_keys[0]
 
 

@@ -24,6 +24,7 @@ class EmbeddingEntry:
     role: str  # "caption", "empty", "validation" or "negative"
     cache_key: str
     text: str
+    path: str = ""  # for captions: the image file the caption belongs to
 
 
 def chroma_attention_mask(tokenizer_mask: torch.Tensor) -> torch.Tensor:
@@ -95,7 +96,7 @@ def save_embedding(cache_dir: Path, key: str, prompt_embeds: torch.Tensor, atten
 
 
 def encode_texts(
-    texts_by_role: list[tuple[str, str]],
+    texts_by_role: list[tuple[str, str, str]],
     cache_dir: Path,
     load_encoder,
     width: int,
@@ -107,16 +108,16 @@ def encode_texts(
     batch_size: int = 8,
     log=print,
 ) -> tuple[list[EmbeddingEntry], dict[str, int]]:
-    """Cache an embedding for every distinct text; `texts_by_role` holds (role, text) pairs.
+    """Cache an embedding for every distinct text; `texts_by_role` holds (role, text, path) triples.
 
     `load_encoder` returns (tokenizer, text_encoder) and is called only if something is missing;
     the encoder is released when this returns.
     """
-    entries: dict[tuple[str, str], EmbeddingEntry] = {}
-    for role, text in texts_by_role:
+    entries: dict[tuple[str, str, str], EmbeddingEntry] = {}
+    for role, text, path in texts_by_role:
         text_hash = sha256_text(text)
         key = embedding_cache_key(text_hash, encoder_identity, dtype, max_length, padding)
-        entries.setdefault((text_hash, role), EmbeddingEntry(text_hash, role, key, text))
+        entries.setdefault((role, text_hash, path), EmbeddingEntry(text_hash, role, key, text, path))
 
     distinct = {e.cache_key: e.text for e in entries.values()}
     missing = [(key, text) for key, text in distinct.items() if load_embedding(cache_dir, key, max_length, width) is None]
@@ -153,5 +154,8 @@ def read_embedding_index(path: Path) -> list[EmbeddingEntry]:
 
 
 _INDEX_SCHEMA = pa.schema(
-    [("text_sha256", pa.string()), ("role", pa.string()), ("cache_key", pa.string()), ("text", pa.string())]
+    [
+        ("text_sha256", pa.string()), ("role", pa.string()), ("cache_key", pa.string()), ("text", pa.string()),
+        ("path", pa.string()),
+    ]
 )

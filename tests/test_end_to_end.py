@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from dagster import AssetKey, AssetRecordsFilter, DagsterInstance
+from dagster import AssetKey, AssetRecordsFilter, DagsterInstance, materialize
 from diffusers import AutoencoderKL, ChromaPipeline
 from safetensors.torch import load_file
 
@@ -16,7 +16,8 @@ import chroma_pipeline.grid as grid_module
 import chroma_pipeline.quantize as quantize_module
 import chroma_pipeline.text as text_module
 import chroma_pipeline.train as train_module
-from assets.definitions import defs, materialize_chain
+from assets.definitions import build_definitions, materialize_chain
+from chroma_pipeline.config import ConfigError
 from tests.conftest import write_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,8 +32,9 @@ EDGES = {
 }
 
 
-def test_code_location_has_the_six_steps_and_their_lineage():
+def test_code_location_has_the_six_steps_and_their_lineage(small_project):
     # Six steps; raw_dataset is one scan with two assets (images, captions) so each branch has its own version.
+    defs = build_definitions(str(small_project))
     graph = defs.resolve_asset_graph()
     keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
     assert keys == set(EDGES)
@@ -119,10 +121,32 @@ def test_trained_adapter_loads_in_chroma_pipeline_and_changes_the_output(small_p
     assert (with_lora - base).abs().max() > 1e-4
 
 
+def test_a_config_that_does_not_load_fails_the_code_location_with_the_reason(tmp_path):
+    config = write_config(tmp_path / "bad.json", {"model_flavour": "turbo"})
+    with pytest.raises(ConfigError, match="model_flavour"):
+        build_definitions(str(config))
+    with pytest.raises(ConfigError, match="not found"):
+        build_definitions(str(tmp_path / "missing.json"))
+
+
+def test_a_run_with_other_settings_than_the_loaded_code_location_is_refused(small_project, tmp_path):
+    other = write_config(tmp_path / "other.json", {**json.loads(small_project.read_text()), "learning_rate": 0.5})
+    defs = build_definitions(str(small_project), device="cpu")  # what the UI loaded
+    resources = {**defs.resources, "chroma": build_definitions(str(other)).resources["chroma"]}  # launchpad override
+    result = materialize(list(defs.assets), resources=resources, instance=DagsterInstance.ephemeral(),
+                         selection=["raw_dataset/images", "raw_dataset/captions", "image_latents", "text_embeddings",
+                                    "quantized_base_model", "lora_adapter"], raise_on_error=False)
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    assert failure.step_key == "lora_adapter" and "Reload the code location" in str(failure.event_specific_data.error)
+
+
 def test_bad_config_fails_before_any_work(tmp_path):
-    config = write_config(tmp_path / "bad.json", {"model_flavour": "turbo", "output_dir": str(tmp_path / "out"),
-                                                  "instance_data_dir": str(tmp_path)})
-    result = materialize_chain(str(config), DagsterInstance.ephemeral(), device="cpu", raise_on_error=False)
+    # A good config when the code location loaded, broken before the run: the run fails at start.
+    good = write_config(tmp_path / "good.json", {"output_dir": str(tmp_path / "out"), "instance_data_dir": str(tmp_path)})
+    defs = build_definitions(str(good), device="cpu")
+    write_config(good, {"model_flavour": "turbo", "output_dir": str(tmp_path / "out"), "instance_data_dir": str(tmp_path)})
+    result = materialize(list(defs.assets), resources=defs.resources, instance=DagsterInstance.ephemeral(),
+                         raise_on_error=False)
     assert not result.success
     failure = next(e for e in result.all_events if e.is_failure)
     assert "model_flavour" in str(failure.event_specific_data.error) and "'turbo'" in str(failure.event_specific_data.error)

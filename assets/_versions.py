@@ -1,0 +1,36 @@
+"""Code versions: which settings each asset reads, as Dagster sees them."""
+
+from __future__ import annotations
+
+from dagster import AssetExecutionContext, Failure
+
+from chroma_pipeline.config import ChromaConfig
+from chroma_pipeline.steps import STEP_SETTINGS
+from resources import ChromaConfigResource
+
+# Bump when a step's code changes what it produces, so Dagster marks its results stale.
+CODE_VERSION = "1"
+
+
+def step_code_version(config: ChromaConfig, step: str) -> str:
+    return f"{CODE_VERSION}+{config.settings_hash(*STEP_SETTINGS[step])}"
+
+
+def load_config_for(context: AssetExecutionContext, chroma: ChromaConfigResource, step: str) -> ChromaConfig:
+    """The run's config, refusing one whose settings differ from the code version Dagster will record.
+
+    That happens when the launchpad points a run at another config file, or the file was
+    edited and the code location not reloaded: the run would record the wrong settings and
+    Dagster's "unsynced" would stop telling the truth.
+    """
+    config = chroma.load(context.log)
+    defined = next(iter(context.assets_def.code_versions_by_key.values()))
+    if defined is not None and defined != step_code_version(config, step):
+        raise Failure(
+            description=(
+                f"{chroma.config_path} has settings that differ from the ones this code location loaded "
+                f"(settings read by {step}: {', '.join(STEP_SETTINGS[step])}). Reload the code location "
+                "(Deployment > Reload, or restart dagster dev) so Dagster tracks the settings you run with."
+            )
+        )
+    return config
