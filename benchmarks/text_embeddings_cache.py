@@ -70,6 +70,7 @@ def main() -> None:
         materialize_chain(str(config), instance, selection=SCAN, device="cpu")
         warm, warm_meta = materialize_embeddings(config, instance)
 
+    assert warm_meta["encoded now"] == 1, "editing one caption must encode exactly one text"
     texts = cold_meta["distinct texts"]
     on_disk = cold_meta["MiB on disk"] * 2**20 / texts
     saved = cold_meta["MiB saved by storing only unmasked tokens"] * 2**20 / texts
