@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 BUCKET_STEP = 64
 MEGAPIXEL = 1024 * 1024  # resolution_type "area": 1.0 means a 1024x1024 budget
@@ -33,11 +33,6 @@ def bucket_for(width: int, height: int, resolution: float, resolution_type: str)
         return (_snap(short * aspect), short) if aspect >= 1 else (short, _snap(short / aspect))
     area = resolution * resolution if resolution_type == "pixel_area" else resolution * MEGAPIXEL
     return _snap(math.sqrt(area * aspect)), _snap(math.sqrt(area / aspect))
-
-
-def load_rgb(path) -> Image.Image:
-    with Image.open(path) as image:
-        return ImageOps.exif_transpose(image).convert("RGB")
 
 
 def fit_to_bucket(image: Image.Image, bucket: tuple[int, int]) -> Image.Image:

@@ -52,6 +52,13 @@ class ChromaConfig(BaseModel):
     # --- data ----------------------------------------------------------------------
     instance_data_dir: str = "datasets/chroma"
     output_dir: str = "chroma-output"
+    caption_strategy: Literal["auto", "textfile", "metadata"] = "auto"  # auto: metadata.* if present, else .txt
+    metadata_file: str | None = None
+    metadata_file_column: str = "file_name"
+    metadata_caption_column: str = "text"
+    caption_fallback: Literal["skip", "filename", "empty"] = "skip"
+    minimum_image_size: float = Field(0, ge=0)
+    alpha_background: str = "white"  # what transparent pixels become
     # pixel / pixel_area: pixels (a multiple of 64); area: megapixels, 1.0 = 1024x1024
     resolution: float = Field(1024, gt=0)
     resolution_type: Literal["pixel", "area", "pixel_area"] = "pixel_area"
@@ -107,6 +114,17 @@ class ChromaConfig(BaseModel):
                 f"{self.resolution_type!r} (try {suggestion}), or set resolution_type 'area' for megapixels"
             )
         return self
+
+    @field_validator("alpha_background")
+    @classmethod
+    def _a_colour(cls, value: str) -> str:
+        from PIL import ImageColor
+
+        try:
+            ImageColor.getrgb(value)
+        except ValueError:
+            raise ValueError("must be a colour name or #rrggbb, e.g. 'white', 'black', '#808080'") from None
+        return value
 
     @field_validator("base_model_precision", mode="before")
     @classmethod

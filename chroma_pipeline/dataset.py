@@ -1,22 +1,30 @@
-"""Scan a folder of images with same-stem `.txt` captions into a manifest.
+"""Scan a dataset folder into a manifest: every file accounted for, hashed by content.
 
-Every file is accounted for: a usable sample gets a row with its content hashes, a
-file we cannot use gets a row with the reason. Hashes are of content, never names
-or mtimes, so renaming or touching a file changes nothing downstream.
+Captions come from same-stem `.txt` files, or from a `metadata.jsonl` / `.csv` /
+`.parquet` beside the images (the Hugging Face image-folder convention: a `file_name`
+and a `text` column). A usable sample gets a row with its content hashes; a file we
+cannot use gets a row with the reason. Hashes are of content, never names or mtimes.
 """
 
 from __future__ import annotations
 
+import csv
+import json
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
-from PIL import Image, ImageOps
+import pyarrow.parquet as pq
+from PIL import Image
 
+from .buckets import MEGAPIXEL
+from .images import open_rgb
 from .storage import read_rows, sha256_file, sha256_text, write_rows_atomic
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 
 
 @dataclass
@@ -27,60 +35,137 @@ class ManifestRow:
     image_sha256: str = ""
     width: int = 0  # after EXIF orientation
     height: int = 0
-    caption: str = ""
+    caption: str = ""  # what training uses: decoded and stripped
     caption_sha256: str = ""
+    caption_original: str = ""  # as written in the file, for the record
+    caption_source: str = ""  # "textfile", "metadata", "filename" or "empty"
+
+
+@dataclass(frozen=True)
+class ScanOptions:
+    caption_strategy: str = "auto"  # "auto", "textfile" or "metadata"
+    metadata_file: str | None = None  # relative to the dataset root; found automatically when None
+    metadata_file_column: str = "file_name"
+    metadata_caption_column: str = "text"
+    caption_fallback: str = "skip"  # for an image without caption: "skip", "filename" or "empty"
+    minimum_image_size: float = 0  # shorter edge in pixels; megapixels when resolution_type is "area"
+    resolution_type: str = "pixel_area"
+    alpha_background: str = "white"
+
+
+def decode_caption(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        # Windows tools still write cp1252/latin-1; latin-1 never fails, so nothing is lost.
+        warnings.warn(f"{where}: caption is not UTF-8; read as latin-1", stacklevel=2)
+        return raw.decode("latin-1")
 
 
 def read_caption(path: Path) -> str:
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        # Windows tools still write cp1252/latin-1; latin-1 never fails, so nothing is lost.
-        warnings.warn(f"{path}: caption is not UTF-8; read as latin-1", stacklevel=2)
-        text = raw.decode("latin-1")
-    return text.strip()
+    return decode_caption(path.read_bytes(), str(path)).strip()
 
 
-def oriented_size(path: Path) -> tuple[int, int]:
-    """Width and height as the image is meant to be seen (EXIF rotation applied); raises if unreadable."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as image:
-            image.load()  # decode fully: a truncated file must fail here, not during encoding
-            return ImageOps.exif_transpose(image).size
+def find_metadata(root: Path, options: ScanOptions) -> Path | None:
+    if options.metadata_file:
+        path = (root / options.metadata_file).resolve()
+        if not path.is_file() or not path.is_relative_to(root):
+            raise FileNotFoundError(f"metadata_file {options.metadata_file!r} is not a file inside {root}")
+        return path
+    found = [root / name for name in METADATA_FILES if (root / name).is_file()]
+    if len(found) > 1:
+        raise ValueError(f"{root} has several metadata files ({', '.join(p.name for p in found)}); set metadata_file")
+    return found[0] if found else None
 
 
-def scan_dataset(root: Path) -> list[ManifestRow]:
+def read_metadata_captions(path: Path, file_column: str, caption_column: str) -> dict[str, str]:
+    """file name (relative, forward slashes) -> caption, from a jsonl, csv or parquet table."""
+    if path.suffix == ".jsonl":
+        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    elif path.suffix == ".csv":
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            records = list(csv.DictReader(handle))
+    else:
+        records = pq.read_table(path).to_pylist()
+    if records and (file_column not in records[0] or caption_column not in records[0]):
+        raise ValueError(
+            f"{path}: needs columns {file_column!r} and {caption_column!r} (found {sorted(records[0])}); "
+            "set metadata_file_column / metadata_caption_column"
+        )
+    return {str(r[file_column]).replace("\\", "/").removeprefix("./"): str(r[caption_column] or "") for r in records}
+
+
+def too_small(width: int, height: int, options: ScanOptions) -> bool:
+    if not options.minimum_image_size:
+        return False
+    if options.resolution_type == "area":
+        return width * height < options.minimum_image_size * MEGAPIXEL
+    return min(width, height) < options.minimum_image_size
+
+
+def caption_from_filename(path: Path) -> str:
+    return re.sub(r"[_\-]+", " ", path.stem).strip()
+
+
+def scan_dataset(root: Path, options: ScanOptions = ScanOptions()) -> list[ManifestRow]:
     root = Path(root).resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"instance_data_dir {root} is not a folder; set it to the folder of your images")
+    metadata_path = None if options.caption_strategy == "textfile" else find_metadata(root, options)
+    if options.caption_strategy == "metadata" and metadata_path is None:
+        raise FileNotFoundError(f"caption_strategy is 'metadata' but {root} has none of {', '.join(METADATA_FILES)}")
+    listed = (
+        read_metadata_captions(metadata_path, options.metadata_file_column, options.metadata_caption_column)
+        if metadata_path else None
+    )
+
     rows: list[ManifestRow] = []
     seen_hashes: dict[str, str] = {}
-    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    for path in images:
         relative = path.relative_to(root).as_posix()
         if not path.resolve().is_relative_to(root):
             rows.append(ManifestRow(relative, "skipped", "outside root"))
             continue
-        caption_path = path.with_suffix(".txt")
-        if not caption_path.is_file():
-            rows.append(ManifestRow(relative, "skipped", "no caption"))
-            continue
+        if listed is not None:
+            original, source = (listed[relative], "metadata") if relative in listed else (None, "")
+        else:
+            caption_path = path.with_suffix(".txt")
+            original, source = (
+                (decode_caption(caption_path.read_bytes(), str(caption_path)), "textfile")
+                if caption_path.is_file() else (None, "")
+            )
+        if original is None:
+            if options.caption_fallback == "skip":
+                rows.append(ManifestRow(relative, "skipped", "no caption"))
+                continue
+            original = caption_from_filename(path) if options.caption_fallback == "filename" else ""
+            source = options.caption_fallback
         try:
-            width, height = oriented_size(path)
+            width, height = open_rgb(path, options.alpha_background).size
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             rows.append(ManifestRow(relative, "skipped", "too large"))
             continue
-        except (OSError, ValueError, SyntaxError):
+        except (OSError, ValueError, SyntaxError, EOFError):
             rows.append(ManifestRow(relative, "skipped", "unreadable"))
+            continue
+        if too_small(width, height, options):
+            rows.append(ManifestRow(relative, "skipped", "too small"))
             continue
         image_hash = sha256_file(path)
         if image_hash in seen_hashes:
             rows.append(ManifestRow(relative, "skipped", f"duplicate of {seen_hashes[image_hash]}"))
             continue
         seen_hashes[image_hash] = relative
-        caption = read_caption(caption_path)
-        rows.append(ManifestRow(relative, "ok", "", image_hash, width, height, caption, sha256_text(caption)))
+        caption = original.strip()
+        rows.append(ManifestRow(relative, "ok", "", image_hash, width, height, caption, sha256_text(caption),
+                                original, source))
+
+    if listed is not None:  # files the metadata names that are not there, or that point outside
+        seen = {row.path for row in rows}
+        for name in sorted(set(listed) - seen):
+            inside = (root / name).resolve().is_relative_to(root)
+            rows.append(ManifestRow(name, "skipped", "listed in metadata, no such image" if inside else "outside root"))
     return rows
 
 
@@ -106,5 +191,7 @@ _SCHEMA = pa.schema(
         ("height", pa.int32()),
         ("caption", pa.string()),
         ("caption_sha256", pa.string()),
+        ("caption_original", pa.string()),
+        ("caption_source", pa.string()),
     ]
 )

@@ -15,8 +15,9 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
-from .buckets import bucket_for, fit_to_bucket, load_rgb, to_model_input
+from .buckets import bucket_for, fit_to_bucket, to_model_input
 from .dataset import ManifestRow
+from .images import open_rgb
 from .storage import combine_hashes, load_tensors_checked, read_rows, save_tensors_atomic, write_rows_atomic
 
 CROP_STYLE = "center"
@@ -32,8 +33,11 @@ class LatentEntry:
     cache_key: str
 
 
-def latent_cache_key(image_sha256: str, bucket: tuple[int, int], vae_identity: str, dtype: torch.dtype) -> str:
-    return combine_hashes(image_sha256, f"{bucket[0]}x{bucket[1]}", CROP_STYLE, vae_identity, str(dtype))
+def latent_cache_key(
+    image_sha256: str, bucket: tuple[int, int], vae_identity: str, dtype: torch.dtype, background: str = "white"
+) -> str:
+    pixels = f"{CROP_STYLE};alpha on {background}"  # everything that decides the pixels the VAE sees
+    return combine_hashes(image_sha256, f"{bucket[0]}x{bucket[1]}", pixels, vae_identity, str(dtype))
 
 
 def entry_file(cache_dir: Path, key: str) -> Path:
@@ -74,6 +78,7 @@ def encode_dataset(
     resolution_type: str,
     device: str,
     dtype: torch.dtype,
+    background: str = "white",
     batch_size: int = 4,
     log=print,
 ) -> tuple[list[LatentEntry], dict[str, int]]:
@@ -84,7 +89,7 @@ def encode_dataset(
     entries = []
     for row in rows:
         bucket = bucket_for(row.width, row.height, resolution, resolution_type)
-        key = latent_cache_key(row.image_sha256, bucket, vae_identity, dtype)
+        key = latent_cache_key(row.image_sha256, bucket, vae_identity, dtype, background)
         entries.append(LatentEntry(row.path, row.image_sha256, bucket[0], bucket[1], key))
 
     missing = [e for e in entries if load_latent_entry(cache_dir, e, latent_channels) is None]
@@ -100,7 +105,9 @@ def encode_dataset(
     for bucket, bucket_entries in sorted(by_bucket.items()):
         for start in range(0, len(bucket_entries), batch_size):
             batch = bucket_entries[start : start + batch_size]
-            pixels = torch.stack([to_model_input(fit_to_bucket(load_rgb(dataset_root / e.path), bucket)) for e in batch])
+            pixels = torch.stack(
+                [to_model_input(fit_to_bucket(open_rgb(dataset_root / e.path, background), bucket)) for e in batch]
+            )
             posterior = vae.encode(pixels.to(device=device, dtype=dtype)).latent_dist
             for i, entry in enumerate(batch):
                 save_tensors_atomic(

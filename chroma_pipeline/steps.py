@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import models
 from .config import ChromaConfig
-from .dataset import ManifestRow, read_manifest, scan_dataset, usable, write_manifest
+from .dataset import ManifestRow, ScanOptions, read_manifest, scan_dataset, usable, write_manifest
 from .device import DeviceInfo, seed_everything
 from .latents import encode_dataset, read_latent_index, write_latent_index
 from .quantize import is_complete, load_quantized, quantize_model, quantized_model_key, quanto_version, save_quantized
@@ -37,8 +37,11 @@ MODEL_KEYS = ("model_flavour", "pretrained_model_name_or_path", "revision", "mix
 # The settings each step reads. A change to one of them changes that step's code version
 # in Dagster (and only that step's), which is how the UI shows a setting made it stale.
 STEP_SETTINGS = {
-    "raw_dataset": ("output_dir", "instance_data_dir"),
-    "image_latents": ("output_dir", *MODEL_KEYS, "resolution", "resolution_type"),
+    "raw_dataset": (
+        "output_dir", "instance_data_dir", "caption_strategy", "metadata_file", "metadata_file_column",
+        "metadata_caption_column", "caption_fallback", "minimum_image_size", "resolution_type", "alpha_background",
+    ),
+    "image_latents": ("output_dir", *MODEL_KEYS, "resolution", "resolution_type", "alpha_background"),
     "text_embeddings": (
         "output_dir", *MODEL_KEYS, "tokenizer_max_length", "flux_t5_padding", "text_encoder_precision",
         "validation_prompt", "validation_negative_prompt",
@@ -108,7 +111,13 @@ class DatasetVersions:
 
 
 def build_manifest(config: ChromaConfig, layout: Layout) -> tuple[StepResult, list[ManifestRow]]:
-    rows = scan_dataset(Path(config.instance_data_dir))
+    options = ScanOptions(
+        caption_strategy=config.caption_strategy, metadata_file=config.metadata_file,
+        metadata_file_column=config.metadata_file_column, metadata_caption_column=config.metadata_caption_column,
+        caption_fallback=config.caption_fallback, minimum_image_size=config.minimum_image_size,
+        resolution_type=config.resolution_type, alpha_background=config.alpha_background,
+    )
+    rows = scan_dataset(Path(config.instance_data_dir), options)
     ok = usable(rows)
     if not ok:
         reasons = Counter(row.skip_reason for row in rows)
@@ -152,7 +161,7 @@ def build_latents(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=
         rows, Path(config.instance_data_dir), layout.latent_dir, load_vae,
         latent_channels=_vae_config(model_dir)["latent_channels"],
         vae_identity=models.component_identity(model_dir, "vae"),
-        resolution=config.resolution, resolution_type=config.resolution_type,
+        resolution=config.resolution, resolution_type=config.resolution_type, background=config.alpha_background,
         device=device.torch_device, dtype=dtype, batch_size=config.vae_batch_size, log=log,
     )
     device.empty_cache()

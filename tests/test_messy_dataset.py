@@ -1,0 +1,171 @@
+"""Real-world folders: every file is either used (converted to the RGB the user sees) or listed with why not."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from dagster import DagsterInstance
+from PIL import Image
+
+from assets.definitions import materialize_chain
+from chroma_pipeline.dataset import ScanOptions, scan_dataset
+from chroma_pipeline.demo_data import demo_config
+from chroma_pipeline.images import open_rgb
+from chroma_pipeline.latents import read_latent_index
+from tests.conftest import write_config
+
+
+def _caption(path: Path, text: str = "a caption") -> None:
+    path.with_suffix(".txt").write_text(text)
+
+
+def make_messy_dataset(root: Path) -> dict[str, str]:
+    """Every case users bring, generated; returns file -> expected status ("ok" or the skip reason)."""
+    root.mkdir(parents=True)
+    expected = {}
+
+    phone = Image.new("RGB", (384, 192), (200, 30, 30))  # stored sideways; EXIF says rotate 90
+    exif = phone.getexif()
+    exif[0x0112] = 6
+    phone.save(root / "phone.jpg", exif=exif)
+    expected["phone.jpg"] = "ok"
+
+    Image.new("CMYK", (256, 256), (0, 255, 255, 0)).save(root / "print.jpg")
+    expected["print.jpg"] = "ok"
+
+    logo = Image.new("RGBA", (256, 256), (0, 0, 255, 255))
+    logo.paste((0, 0, 0, 0), (0, 0, 128, 256))  # left half fully transparent
+    logo.save(root / "logo.png")
+    expected["logo.png"] = "ok"
+
+    palette = Image.new("P", (256, 256), 1)
+    palette.putpalette([0, 0, 0] + [255, 255, 0] + [0, 0, 0] * 254)
+    palette.paste(0, (0, 0, 64, 64))  # index 0, the transparent one, in the top-left corner
+    palette.save(root / "palette.png", transparency=0)
+    expected["palette.png"] = "ok"
+
+    scan = Image.fromarray(np.full((256, 320), 65535 // 2, dtype=np.uint16))  # a 16-bit greyscale scan
+    scan.save(root / "scan16.png")
+    expected["scan16.png"] = "ok"
+
+    Image.new("L", (256, 256), 90).save(root / "grey.png")
+    expected["grey.png"] = "ok"
+
+    frames = [Image.new("RGB", (256, 256), colour) for colour in ("red", "blue")]
+    frames[0].save(root / "meme.gif", save_all=True, append_images=frames[1:], duration=100)
+    expected["meme.gif"] = "ok"
+
+    Image.new("RGB", (256, 256), "green").save(root / "download.jpg")
+    data = (root / "download.jpg").read_bytes()
+    (root / "download.jpg").write_bytes(data[: len(data) // 2])  # cut off mid-download
+    expected["download.jpg"] = "unreadable"
+
+    Image.new("RGB", (32, 32), "white").save(root / "thumbnail.png")
+    expected["thumbnail.png"] = "too small"
+
+    Image.new("RGB", (1200, 1100), "purple").save(root / "huge.png")  # over the limit the test sets
+    expected["huge.png"] = "too large"
+
+    Image.new("RGB", (256, 256), (1, 2, 3)).save(root / "original.png")
+    (root / "copy.png").write_bytes((root / "original.png").read_bytes())
+    expected["copy.png"] = "ok"  # sorts first, so it is the one kept
+    expected["original.png"] = "duplicate of copy.png"
+
+    Image.new("RGB", (256, 256), (9, 9, 9)).save(root.parent / "elsewhere.png")
+    (root / "link.png").symlink_to(root.parent / "elsewhere.png")
+    expected["link.png"] = "outside root"
+
+    Image.new("RGB", (256, 256), (50, 60, 70)).save(root / "no_caption_here.png")
+    expected["no_caption_here.png"] = "no caption"
+
+    for name in expected:
+        if name != "no_caption_here.png":
+            _caption(root / name, f"a photo named {name}")
+    (root / "grey.txt").write_bytes("un café crème".encode("latin-1"))
+    return expected
+
+
+@pytest.fixture
+def messy(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 600_000)  # Pillow warns past this and refuses past twice it
+    return tmp_path / "data", make_messy_dataset(tmp_path / "data")
+
+
+def test_every_file_is_used_or_listed_with_its_reason(messy):
+    root, expected = messy
+    rows = {row.path: row for row in scan_dataset(root, ScanOptions(minimum_image_size=64))}
+    assert {path: row.status if row.status == "ok" else row.skip_reason for path, row in rows.items()} == expected
+    assert (rows["phone.jpg"].width, rows["phone.jpg"].height) == (192, 384)  # as the phone showed it
+    assert rows["grey.png"].caption == "un café crème"
+
+
+def test_conversions_give_the_picture_the_user_sees(messy):
+    root, _ = messy
+    assert open_rgb(root / "print.jpg").getpixel((5, 5))[0] > 200  # CMYK cyan-free magenta+yellow: red
+    logo = open_rgb(root / "logo.png", background="black")
+    assert logo.getpixel((10, 10)) == (0, 0, 0) and logo.getpixel((200, 10)) == (0, 0, 255)
+    palette = open_rgb(root / "palette.png", background="white")
+    assert palette.getpixel((3, 3)) == (255, 255, 255) and palette.getpixel((200, 200)) == (255, 255, 0)
+    assert abs(open_rgb(root / "scan16.png").getpixel((3, 3))[0] - 128) <= 1  # 16-bit mid grey stays mid grey
+    assert open_rgb(root / "meme.gif").getpixel((3, 3)) == (255, 0, 0)  # the first frame
+
+
+@pytest.mark.parametrize(("fallback", "status", "caption"), [
+    ("skip", "no caption", None), ("filename", "ok", "no caption here"), ("empty", "ok", ""),
+])
+def test_missing_captions_follow_the_fallback_and_say_so(messy, fallback, status, caption):
+    root, _ = messy
+    row = {r.path: r for r in scan_dataset(root, ScanOptions(caption_fallback=fallback))}["no_caption_here.png"]
+    assert (row.status if row.status == "ok" else row.skip_reason) == status
+    if caption is not None:
+        assert row.caption == caption and row.caption_source == fallback
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv"])
+def test_captions_from_a_metadata_file(tmp_path, kind):
+    root = tmp_path / "data"
+    (root / "train").mkdir(parents=True)
+    for name, colour in [("train/a.png", "red"), ("b.png", "blue")]:
+        Image.new("RGB", (128, 128), colour).save(root / name)
+    records = [
+        {"file_name": "train/a.png", "text": "  a red square  "},
+        {"file_name": "b.png", "text": "a blue square"},
+        {"file_name": "gone.png", "text": "deleted since"},
+        {"file_name": "../escape.png", "text": "not ours"},
+    ]
+    if kind == "jsonl":
+        (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    else:
+        lines = ["file_name,text"] + [f'{r["file_name"]},"{r["text"]}"' for r in records]
+        (root / "metadata.csv").write_text("\n".join(lines))
+    rows = {row.path: row for row in scan_dataset(root)}
+    assert rows["train/a.png"].caption == "a red square" and rows["train/a.png"].caption_original == "  a red square  "
+    assert rows["train/a.png"].caption_source == "metadata"
+    assert rows["gone.png"].skip_reason == "listed in metadata, no such image"
+    assert rows["../escape.png"].skip_reason == "outside root"
+
+
+def test_a_metadata_file_without_the_columns_says_which_to_set(tmp_path):
+    Image.new("RGB", (128, 128)).save(tmp_path / "a.png")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"image": "a.png", "caption": "x"}))
+    with pytest.raises(ValueError, match="metadata_file_column"):
+        scan_dataset(tmp_path)
+
+
+@pytest.mark.slow
+def test_messy_folder_materializes_each_usable_image_encoded_once(messy, tmp_path):
+    root, expected = messy
+    values = {**demo_config(root, tmp_path / "out"), "minimum_image_size": 64, "resolution": 256}
+    config = write_config(tmp_path / "config.json", values)
+    result = materialize_chain(str(config), DagsterInstance.ephemeral(), device="cpu",
+                               selection=["raw_dataset/images", "raw_dataset/captions", "image_latents"])
+    assert result.success
+    metadata = {e.asset_key.to_user_string(): e.step_materialization_data.materialization.metadata
+                for e in result.get_asset_materialization_events()}
+    usable = sorted(name for name, status in expected.items() if status == "ok")
+    assert metadata["image_latents"]["encoded now"].value == len(usable)
+    assert metadata["raw_dataset/images"]["skipped"].value == len(expected) - len(usable)
+    entries = {e.path: e for e in read_latent_index(tmp_path / "out" / "cache" / "latents_index.parquet")}
+    assert sorted(entries) == usable
+    assert entries["phone.jpg"].bucket_height > entries["phone.jpg"].bucket_width  # a portrait bucket
