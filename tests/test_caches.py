@@ -148,3 +148,25 @@ def test_an_8bit_text_encoder_is_its_own_cache_and_stays_close(small_project, co
     full = load_embedding(cache / "text_embeddings", entries[0].cache_key, 64, 32)["prompt_embeds"]
     assert 0 < ((eight_bit - full).norm() / full.norm()).item() < 0.05
     assert torch.isfinite(eight_bit).all()
+
+
+def test_cleanup_reclaims_only_what_no_index_uses(small_project):
+    from chroma_pipeline.cleanup import main, reclaim, unreferenced_files
+
+    _run(small_project)
+    layout = Layout(small_project.parent / "output")
+    assert unreferenced_files(layout) == []
+    image = sorted((small_project.parent / "dataset").glob("*.png"))[0]
+    image.unlink()  # a removed image: its latent leaves the index but stays on disk
+    caption = sorted((small_project.parent / "dataset").glob("*.txt"))[1]
+    caption.write_text("a new caption")  # an edited caption: the old embedding is unreferenced
+    (layout.latent_dir / ".half-written.safetensors.abc.tmp").write_bytes(b"crash")
+    latents, texts = _run(small_project)
+
+    # The removed image's latent and its caption's embedding, the edited caption's old embedding, the crash leftover.
+    assert len(unreferenced_files(layout)) == 4
+    assert main(["--config", str(small_project), "--dry-run"]) == 0 and len(unreferenced_files(layout)) == 4
+    assert reclaim(layout).files == 4
+    assert unreferenced_files(layout) == []
+    again_latents, again_texts = _run(small_project)  # the live caches are intact
+    assert again_latents.stats["encoded"] == 0 and again_texts.stats["encoded"] == 0
