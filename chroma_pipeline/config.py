@@ -67,6 +67,7 @@ class ChromaConfig(BaseModel):
     flux_t5_padding: Literal["unmodified", "zero"] = "unmodified"
     caption_dropout_probability: float = Field(0.0, ge=0.0, lt=1.0)
     vae_batch_size: int = Field(4, ge=1)
+    vae_workers: int | None = Field(None, ge=0)  # processes decoding images ahead of the VAE; None: up to 4
 
     # --- LoRA and optimisation ----------------------------------------------------
     network_rank: int = Field(16, ge=1)

@@ -8,6 +8,8 @@ training can draw a fresh latent each time; the Chroma scaling is applied on use
 
 from __future__ import annotations
 
+import os
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +68,46 @@ def load_latent_entry(cache_dir: Path, entry: LatentEntry, latent_channels: int)
     return load_tensors_checked(entry_file(cache_dir, entry.cache_key), _is_valid(entry, latent_channels))
 
 
+class _BucketBatches(torch.utils.data.Dataset):
+    """Each item is one ready batch of pixels from a single bucket, decoded and resized in a worker."""
+
+    def __init__(self, batches: list[list[LatentEntry]], dataset_root: Path, background: str):
+        self.batches, self.dataset_root, self.background = batches, dataset_root, background
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        batch = self.batches[index]
+        bucket = (batch[0].bucket_width, batch[0].bucket_height)
+        return torch.stack(
+            [to_model_input(fit_to_bucket(open_rgb(self.dataset_root / e.path, self.background), bucket)) for e in batch]
+        )
+
+
+def encode_with_backoff(vae, pixels: torch.Tensor, log=print) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior's (mean, std); on out-of-memory, halve the batch instead of giving up."""
+    try:
+        posterior = vae.encode(pixels).latent_dist
+        return posterior.mean, posterior.std
+    except torch.OutOfMemoryError:
+        if pixels.shape[0] == 1:
+            raise torch.OutOfMemoryError(
+                f"one {pixels.shape[-1]}x{pixels.shape[-2]} image does not fit through the VAE on this device: "
+                "lower `resolution`, or free accelerator memory"
+            ) from None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        half = pixels.shape[0] // 2
+        log(f"out of memory at a batch of {pixels.shape[0]}; retrying as {half} + {pixels.shape[0] - half}")
+        first, second = encode_with_backoff(vae, pixels[:half], log), encode_with_backoff(vae, pixels[half:], log)
+        return torch.cat([first[0], second[0]]), torch.cat([first[1], second[1]])
+
+
+def default_workers() -> int:
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
 @torch.no_grad()
 def encode_dataset(
     rows: list[ManifestRow],
@@ -80,11 +122,14 @@ def encode_dataset(
     dtype: torch.dtype,
     background: str = "white",
     batch_size: int = 4,
+    workers: int | None = None,
     log=print,
 ) -> tuple[list[LatentEntry], dict[str, int]]:
     """Make sure every row has a valid cache entry; encode only those that do not.
 
-    `load_vae` is called only when something needs encoding, so a warm cache costs no model load.
+    `load_vae` is called only when something needs encoding, so a warm cache costs no model
+    load. Batches come from one bucket each; worker processes decode and resize the next
+    batches while the VAE encodes the current one.
     """
     entries = []
     for row in rows:
@@ -95,28 +140,36 @@ def encode_dataset(
     missing = [e for e in entries if load_latent_entry(cache_dir, e, latent_channels) is None]
     # Two rows can share a key only if they are the same image; encode it once.
     missing = list({e.cache_key: e for e in missing}.values())
+    if not missing:
+        return entries, {"encoded": 0, "reused": len(entries)}
 
     by_bucket: dict[tuple[int, int], list[LatentEntry]] = defaultdict(list)
     for entry in missing:
         by_bucket[(entry.bucket_width, entry.bucket_height)].append(entry)
+    batches = [
+        bucket_entries[start : start + batch_size]
+        for _, bucket_entries in sorted(by_bucket.items())
+        for start in range(0, len(bucket_entries), batch_size)
+    ]
+    workers = default_workers() if workers is None else workers
+    loader = torch.utils.data.DataLoader(
+        _BucketBatches(batches, dataset_root, background), batch_size=None,
+        num_workers=workers if len(batches) > 1 else 0,
+    )
 
-    encoded = 0
-    vae = load_vae() if missing else None
-    for bucket, bucket_entries in sorted(by_bucket.items()):
-        for start in range(0, len(bucket_entries), batch_size):
-            batch = bucket_entries[start : start + batch_size]
-            pixels = torch.stack(
-                [to_model_input(fit_to_bucket(open_rgb(dataset_root / e.path, background), bucket)) for e in batch]
+    vae = load_vae()
+    encoded, started = 0, time.perf_counter()
+    for batch, pixels in zip(batches, loader, strict=True):
+        mean, std = encode_with_backoff(vae, pixels.to(device=device, dtype=dtype), log)
+        for i, entry in enumerate(batch):
+            save_tensors_atomic(
+                entry_file(cache_dir, entry.cache_key),
+                {"mean": mean[i], "std": std[i]},
+                metadata={"image_sha256": entry.image_sha256, "bucket": f"{entry.bucket_width}x{entry.bucket_height}"},
             )
-            posterior = vae.encode(pixels.to(device=device, dtype=dtype)).latent_dist
-            for i, entry in enumerate(batch):
-                save_tensors_atomic(
-                    entry_file(cache_dir, entry.cache_key),
-                    {"mean": posterior.mean[i], "std": posterior.std[i]},
-                    metadata={"image_sha256": entry.image_sha256, "bucket": f"{bucket[0]}x{bucket[1]}"},
-                )
-            encoded += len(batch)
-            log(f"encoded {encoded}/{len(missing)} images (bucket {bucket[0]}x{bucket[1]})")
+        encoded += len(batch)
+        rate = encoded / (time.perf_counter() - started)
+        log(f"encoded {encoded}/{len(missing)} images, {rate:.1f} images/s, ETA {(len(missing) - encoded) / rate:.0f}s")
     return entries, {"encoded": encoded, "reused": len(entries) - encoded}
 
 

@@ -162,7 +162,7 @@ def build_latents(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=
         latent_channels=_vae_config(model_dir)["latent_channels"],
         vae_identity=models.component_identity(model_dir, "vae"),
         resolution=config.resolution, resolution_type=config.resolution_type, background=config.alpha_background,
-        device=device.torch_device, dtype=dtype, batch_size=config.vae_batch_size, log=log,
+        device=device.torch_device, dtype=dtype, batch_size=config.vae_batch_size, workers=config.vae_workers, log=log,
     )
     device.empty_cache()
     write_latent_index(entries, layout.latent_index)

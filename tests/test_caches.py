@@ -170,3 +170,33 @@ def test_cleanup_reclaims_only_what_no_index_uses(small_project):
     assert unreferenced_files(layout) == []
     again_latents, again_texts = _run(small_project)  # the live caches are intact
     assert again_latents.stats["encoded"] == 0 and again_texts.stats["encoded"] == 0
+
+
+class _SmallMemoryVAE:
+    """Runs out of memory on any batch larger than `limit`, as a small GPU would."""
+
+    def __init__(self, limit):
+        self.limit, self.batches = limit, []
+
+    def encode(self, pixels):
+        import torch
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        if pixels.shape[0] > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        self.batches.append(pixels.shape[0])
+        parameters = pixels[:, :2].repeat(1, 16, 1, 1) * 0 + torch.arange(pixels.shape[0]).view(-1, 1, 1, 1).float()
+        return type("Output", (), {"latent_dist": DiagonalGaussianDistribution(parameters)})()
+
+
+def test_out_of_memory_halves_the_batch_instead_of_skipping_images():
+    import torch
+
+    from chroma_pipeline.latents import encode_with_backoff
+
+    vae = _SmallMemoryVAE(limit=2)
+    pixels = torch.zeros(5, 3, 8, 8)
+    mean, std = encode_with_backoff(vae, pixels, log=lambda _: None)
+    assert mean.shape[0] == 5 and vae.batches == [2, 1, 2]  # 5 -> 2 + 3, and 3 -> 1 + 2
+    with pytest.raises(torch.OutOfMemoryError, match="lower `resolution`"):
+        encode_with_backoff(_SmallMemoryVAE(limit=0), torch.zeros(1, 3, 8, 8), log=lambda _: None)
