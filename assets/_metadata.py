@@ -44,6 +44,25 @@ def loss_curve(losses: list[float]) -> Image.Image:
     return Image.open(io.BytesIO(buffer.getvalue()))
 
 
+def bucket_histogram(buckets: dict[str, int]) -> Image.Image:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted(buckets, key=lambda b: int(b.split("x")[0]) / int(b.split("x")[1]))  # portrait to landscape
+    figure, axes = plt.subplots(figsize=(6, 3), dpi=100)
+    axes.bar(names, [buckets[name] for name in names])
+    axes.set_xlabel("bucket (width x height), portrait to landscape")
+    axes.set_ylabel("images")
+    axes.tick_params(axis="x", labelrotation=45)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return Image.open(io.BytesIO(buffer.getvalue()))
+
+
 def markdown_table(header: list[str], rows: list[list]) -> MetadataValue:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell).replace("|", "\\|") for cell in row) + " |" for row in rows]

@@ -3,7 +3,7 @@ from dagster import AssetExecutionContext, DataVersion, MaterializeResult, Metad
 from chroma_pipeline.steps import build_latents
 from resources import ArtifactStore, ChromaConfigResource, GPUResource
 
-from ._metadata import markdown_table
+from ._metadata import bucket_histogram, image_markdown, markdown_table
 from ._versions import load_config_for
 from .raw_dataset import IMAGES
 
@@ -23,6 +23,7 @@ def image_latents(
             "encoded now": result.stats["encoded"],
             "reused from cache": result.stats["reused"],
             "buckets": markdown_table(["bucket (w x h)", "images"], [[b, n] for b, n in buckets.items()]),
+            "bucket histogram": image_markdown(bucket_histogram(buckets), "images per bucket"),
             "index": MetadataValue.path(str(result.path)),
         },
     )

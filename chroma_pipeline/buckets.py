@@ -7,6 +7,7 @@ Bucket sides are multiples of 64: the VAE downsamples by 8 and the transformer p
 from __future__ import annotations
 
 import math
+import random
 
 import numpy as np
 import torch
@@ -20,14 +21,17 @@ def _snap(value: float) -> int:
     return max(BUCKET_STEP, int(round(value / BUCKET_STEP)) * BUCKET_STEP)
 
 
-def bucket_for(width: int, height: int, resolution: float, resolution_type: str) -> tuple[int, int]:
+def bucket_for(
+    width: int, height: int, resolution: float, resolution_type: str, crop_aspect: str = "preserve"
+) -> tuple[int, int]:
     """The (width, height) bucket of an image.
 
     - pixel: the shorter edge becomes `resolution`, the longer keeps the aspect ratio.
     - pixel_area: the pixel count of a `resolution` x `resolution` square, at the image's aspect ratio.
     - area: `resolution` megapixels, at the image's aspect ratio.
+    `crop_aspect="square"` puts every image in the square bucket of that size instead.
     """
-    aspect = round(width / height, 2)  # rounded so near-identical ratios share a bucket
+    aspect = 1.0 if crop_aspect == "square" else round(width / height, 2)  # rounded: near-equal ratios share a bucket
     if resolution_type == "pixel":
         short = int(resolution)
         return (_snap(short * aspect), short) if aspect >= 1 else (short, _snap(short / aspect))
@@ -35,16 +39,35 @@ def bucket_for(width: int, height: int, resolution: float, resolution_type: str)
     return _snap(math.sqrt(area * aspect)), _snap(math.sqrt(area / aspect))
 
 
-def fit_to_bucket(image: Image.Image, bucket: tuple[int, int]) -> Image.Image:
-    """Scale so the image covers the bucket, then crop the overflow equally from both sides."""
+def upscale_needed(width: int, height: int, bucket: tuple[int, int]) -> float:
+    return max(bucket[0] / width, bucket[1] / height)
+
+
+def fit_to_bucket(
+    image: Image.Image, bucket: tuple[int, int], crop: bool = True, crop_style: str = "center", seed: str = ""
+) -> Image.Image:
+    """Scale so the image covers the bucket, then crop the overflow; or, with `crop=False`, stretch to it.
+
+    `crop_style`: "center" crops equally from both sides, "corner" keeps the top-left, "random"
+    picks an offset from `seed` (the image hash), so the crop is random but the same every run
+    and the cached latent stays valid.
+    """
     target_w, target_h = bucket
-    scale = max(target_w / image.width, target_h / image.height)
+    if not crop:
+        return image.resize(bucket, Image.Resampling.LANCZOS)
+    scale = upscale_needed(image.width, image.height, bucket)
     resized = image.resize(
         (max(target_w, round(image.width * scale)), max(target_h, round(image.height * scale))),
         Image.Resampling.LANCZOS,
     )
-    left = (resized.width - target_w) // 2
-    top = (resized.height - target_h) // 2
+    spare_w, spare_h = resized.width - target_w, resized.height - target_h
+    if crop_style == "corner":
+        left, top = 0, 0
+    elif crop_style == "random":
+        rng = random.Random(seed)
+        left, top = rng.randint(0, spare_w), rng.randint(0, spare_h)
+    else:
+        left, top = spare_w // 2, spare_h // 2
     return resized.crop((left, top, left + target_w, top + target_h))
 
 

@@ -58,6 +58,10 @@ class ChromaConfig(BaseModel):
     metadata_caption_column: str = "text"
     caption_fallback: Literal["skip", "filename", "empty"] = "skip"
     minimum_image_size: float = Field(0, ge=0)
+    maximum_upscale: float | None = Field(None, ge=1)  # skip images that would need more upscaling than this
+    crop: bool = True  # False: stretch to the bucket instead of cropping the overflow
+    crop_style: Literal["center", "random", "corner"] = "center"
+    crop_aspect: Literal["preserve", "square"] = "preserve"
     alpha_background: str = "white"  # what transparent pixels become
     # pixel / pixel_area: pixels (a multiple of 64); area: megapixels, 1.0 = 1024x1024
     resolution: float = Field(1024, gt=0)

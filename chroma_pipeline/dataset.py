@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from .buckets import MEGAPIXEL
+from .buckets import MEGAPIXEL, bucket_for, upscale_needed
 from .images import open_rgb
 from .storage import read_rows, sha256_file, sha256_text, write_rows_atomic
 
@@ -51,6 +51,9 @@ class ScanOptions:
     minimum_image_size: float = 0  # shorter edge in pixels; megapixels when resolution_type is "area"
     resolution_type: str = "pixel_area"
     alpha_background: str = "white"
+    resolution: float = 1024
+    crop_aspect: str = "preserve"
+    maximum_upscale: float | None = None  # skip images their bucket would blow up more than this
 
 
 def decode_caption(raw: bytes, where: str) -> str:
@@ -152,6 +155,11 @@ def scan_dataset(root: Path, options: ScanOptions = ScanOptions()) -> list[Manif
         if too_small(width, height, options):
             rows.append(ManifestRow(relative, "skipped", "too small"))
             continue
+        if options.maximum_upscale:
+            bucket = bucket_for(width, height, options.resolution, options.resolution_type, options.crop_aspect)
+            if upscale_needed(width, height, bucket) > options.maximum_upscale:
+                rows.append(ManifestRow(relative, "skipped", "needs more upscaling than maximum_upscale"))
+                continue
         image_hash = sha256_file(path)
         if image_hash in seen_hashes:
             rows.append(ManifestRow(relative, "skipped", f"duplicate of {seen_hashes[image_hash]}"))

@@ -22,7 +22,6 @@ from .dataset import ManifestRow
 from .images import open_rgb
 from .storage import combine_hashes, load_tensors_checked, read_rows, save_tensors_atomic, write_rows_atomic
 
-CROP_STYLE = "center"
 VAE_DOWNSCALE = 8
 
 
@@ -35,10 +34,20 @@ class LatentEntry:
     cache_key: str
 
 
+@dataclass(frozen=True)
+class Framing:
+    """How an image becomes the pixels of its bucket (part of every cache key)."""
+
+    crop: bool = True
+    crop_style: str = "center"
+    crop_aspect: str = "preserve"
+    background: str = "white"
+
+
 def latent_cache_key(
-    image_sha256: str, bucket: tuple[int, int], vae_identity: str, dtype: torch.dtype, background: str = "white"
+    image_sha256: str, bucket: tuple[int, int], vae_identity: str, dtype: torch.dtype, framing: Framing = Framing()
 ) -> str:
-    pixels = f"{CROP_STYLE};alpha on {background}"  # everything that decides the pixels the VAE sees
+    pixels = f"{'crop' if framing.crop else 'stretch'}:{framing.crop_style};alpha on {framing.background}"
     return combine_hashes(image_sha256, f"{bucket[0]}x{bucket[1]}", pixels, vae_identity, str(dtype))
 
 
@@ -71,8 +80,8 @@ def load_latent_entry(cache_dir: Path, entry: LatentEntry, latent_channels: int)
 class _BucketBatches(torch.utils.data.Dataset):
     """Each item is one ready batch of pixels from a single bucket, decoded and resized in a worker."""
 
-    def __init__(self, batches: list[list[LatentEntry]], dataset_root: Path, background: str):
-        self.batches, self.dataset_root, self.background = batches, dataset_root, background
+    def __init__(self, batches: list[list[LatentEntry]], dataset_root: Path, framing: Framing):
+        self.batches, self.dataset_root, self.framing = batches, dataset_root, framing
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -80,9 +89,14 @@ class _BucketBatches(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         batch = self.batches[index]
         bucket = (batch[0].bucket_width, batch[0].bucket_height)
-        return torch.stack(
-            [to_model_input(fit_to_bucket(open_rgb(self.dataset_root / e.path, self.background), bucket)) for e in batch]
-        )
+        framing = self.framing
+        return torch.stack([
+            to_model_input(fit_to_bucket(
+                open_rgb(self.dataset_root / e.path, framing.background), bucket, framing.crop, framing.crop_style,
+                seed=e.image_sha256,
+            ))
+            for e in batch
+        ])
 
 
 def encode_with_backoff(vae, pixels: torch.Tensor, log=print) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,7 +134,7 @@ def encode_dataset(
     resolution_type: str,
     device: str,
     dtype: torch.dtype,
-    background: str = "white",
+    framing: Framing = Framing(),
     batch_size: int = 4,
     workers: int | None = None,
     log=print,
@@ -133,8 +147,8 @@ def encode_dataset(
     """
     entries = []
     for row in rows:
-        bucket = bucket_for(row.width, row.height, resolution, resolution_type)
-        key = latent_cache_key(row.image_sha256, bucket, vae_identity, dtype, background)
+        bucket = bucket_for(row.width, row.height, resolution, resolution_type, framing.crop_aspect)
+        key = latent_cache_key(row.image_sha256, bucket, vae_identity, dtype, framing)
         entries.append(LatentEntry(row.path, row.image_sha256, bucket[0], bucket[1], key))
 
     missing = [e for e in entries if load_latent_entry(cache_dir, e, latent_channels) is None]
@@ -153,7 +167,7 @@ def encode_dataset(
     ]
     workers = default_workers() if workers is None else workers
     loader = torch.utils.data.DataLoader(
-        _BucketBatches(batches, dataset_root, background), batch_size=None,
+        _BucketBatches(batches, dataset_root, framing), batch_size=None,
         num_workers=workers if len(batches) > 1 else 0,
     )
 

@@ -17,7 +17,7 @@ from . import models
 from .config import ChromaConfig
 from .dataset import ManifestRow, ScanOptions, read_manifest, scan_dataset, usable, write_manifest
 from .device import DeviceInfo, seed_everything
-from .latents import encode_dataset, read_latent_index, write_latent_index
+from .latents import Framing, encode_dataset, read_latent_index, write_latent_index
 from .quantize import is_complete, load_quantized, quantize_model, quantized_model_key, quanto_version, save_quantized
 from .storage import atomic_dir, combine_hashes, write_json_atomic
 from .text import encode_texts, load_embedding, read_embedding_index, write_embedding_index
@@ -40,8 +40,12 @@ STEP_SETTINGS = {
     "raw_dataset": (
         "output_dir", "instance_data_dir", "caption_strategy", "metadata_file", "metadata_file_column",
         "metadata_caption_column", "caption_fallback", "minimum_image_size", "resolution_type", "alpha_background",
+        "maximum_upscale", "resolution", "crop_aspect",
     ),
-    "image_latents": ("output_dir", *MODEL_KEYS, "resolution", "resolution_type", "alpha_background"),
+    "image_latents": (
+        "output_dir", *MODEL_KEYS, "resolution", "resolution_type", "alpha_background", "crop", "crop_style",
+        "crop_aspect",
+    ),
     "text_embeddings": (
         "output_dir", *MODEL_KEYS, "tokenizer_max_length", "flux_t5_padding", "text_encoder_precision",
         "validation_prompt", "validation_negative_prompt",
@@ -116,6 +120,7 @@ def build_manifest(config: ChromaConfig, layout: Layout) -> tuple[StepResult, li
         metadata_file_column=config.metadata_file_column, metadata_caption_column=config.metadata_caption_column,
         caption_fallback=config.caption_fallback, minimum_image_size=config.minimum_image_size,
         resolution_type=config.resolution_type, alpha_background=config.alpha_background,
+        resolution=config.resolution, crop_aspect=config.crop_aspect, maximum_upscale=config.maximum_upscale,
     )
     rows = scan_dataset(Path(config.instance_data_dir), options)
     ok = usable(rows)
@@ -161,7 +166,8 @@ def build_latents(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=
         rows, Path(config.instance_data_dir), layout.latent_dir, load_vae,
         latent_channels=_vae_config(model_dir)["latent_channels"],
         vae_identity=models.component_identity(model_dir, "vae"),
-        resolution=config.resolution, resolution_type=config.resolution_type, background=config.alpha_background,
+        resolution=config.resolution, resolution_type=config.resolution_type,
+        framing=Framing(config.crop, config.crop_style, config.crop_aspect, config.alpha_background),
         device=device.torch_device, dtype=dtype, batch_size=config.vae_batch_size, workers=config.vae_workers, log=log,
     )
     device.empty_cache()

@@ -36,3 +36,32 @@ def test_fit_to_bucket_covers_then_center_crops():
     fitted = fit_to_bucket(image, (128, 128))
     assert fitted.size == (128, 128)
     assert fitted.getpixel((0, 64)) == (255, 0, 0)
+
+
+def _strip_image():
+    """300x100: red on the left third, green in the middle, blue on the right."""
+    image = Image.new("RGB", (300, 100), "green")
+    image.paste((255, 0, 0), (0, 0, 100, 100))
+    image.paste((0, 0, 255), (200, 0, 300, 100))
+    return image
+
+
+def test_crop_styles_keep_the_centre_the_corner_or_a_reproducible_random_window():
+    image = _strip_image()
+    assert fit_to_bucket(image, (64, 64), crop_style="center").getpixel((32, 32)) == (0, 128, 0)
+    assert fit_to_bucket(image, (64, 64), crop_style="corner").getpixel((32, 32)) == (255, 0, 0)
+    randoms = {fit_to_bucket(image, (64, 64), crop_style="random", seed=f"image-{i}").tobytes() for i in range(8)}
+    assert len(randoms) > 1  # different images get different windows...
+    again = fit_to_bucket(image, (64, 64), crop_style="random", seed="image-3")
+    assert again.tobytes() == fit_to_bucket(image, (64, 64), crop_style="random", seed="image-3").tobytes()  # ...stable
+
+
+def test_no_crop_stretches_the_whole_image_into_the_bucket():
+    stretched = fit_to_bucket(_strip_image(), (192, 64), crop=False)
+    assert stretched.size == (192, 64)
+    assert stretched.getpixel((5, 32))[0] > 200 and stretched.getpixel((186, 32))[2] > 200  # both ends kept
+
+
+def test_square_crop_aspect_puts_everything_in_the_square_bucket():
+    assert bucket_for(3000, 2000, 1024, "pixel_area", crop_aspect="square") == (1024, 1024)
+    assert bucket_for(2000, 3000, 512, "pixel", crop_aspect="square") == (512, 512)

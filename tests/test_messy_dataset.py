@@ -169,3 +169,13 @@ def test_messy_folder_materializes_each_usable_image_encoded_once(messy, tmp_pat
     entries = {e.path: e for e in read_latent_index(tmp_path / "out" / "cache" / "latents_index.parquet")}
     assert sorted(entries) == usable
     assert entries["phone.jpg"].bucket_height > entries["phone.jpg"].bucket_width  # a portrait bucket
+
+
+def test_images_needing_too_much_upscaling_are_listed_not_silently_blown_up(tmp_path):
+    for name, size in [("small.png", (200, 200)), ("fine.png", (900, 900))]:
+        Image.new("RGB", size, "red" if name == "small.png" else "blue").save(tmp_path / name)
+        _caption(tmp_path / name)
+    options = ScanOptions(resolution=1024, maximum_upscale=2.0)
+    rows = {row.path: row for row in scan_dataset(tmp_path, options)}
+    assert rows["small.png"].skip_reason == "needs more upscaling than maximum_upscale"  # 200 -> 1024 is 5x
+    assert rows["fine.png"].status == "ok"

@@ -178,6 +178,13 @@ def test_encoder_settings_reencode_every_caption_and_learning_rate_only_retrains
     assert project.work == {"images": 0, "texts": 12, "quantize": 0, "train": 2}
 
 
+def test_a_new_crop_style_reencodes_every_image_and_no_caption(project):
+    project.set(crop_style="corner")
+    assert project.unsynced() == {"image_latents": {StaleCauseCategory.CODE}}
+    assert project.run_automation() == {"image_latents", "lora_adapter", "validation_grid"}
+    assert project.work == {"images": 9, "texts": 0, "quantize": 0, "train": 1}
+
+
 def test_a_new_base_model_precision_requantizes_and_retrains_only(project):
     project.set(base_model_precision="int4-quanto")
     assert project.unsynced() == {"quantized_base_model": {StaleCauseCategory.CODE}}
