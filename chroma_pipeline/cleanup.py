@@ -13,8 +13,8 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from .latents import entry_file as latent_file
-from .latents import read_latent_index
+from .latents import ENTRY_TENSORS, read_latent_index
+from .shards import ShardStore
 from .steps import Layout
 from .text import entry_file as embedding_file
 from .text import read_embedding_index
@@ -27,16 +27,16 @@ class Reclaimed:
 
 
 def unreferenced_files(layout: Layout) -> list[Path]:
-    """Cache files no index names, and leftovers of interrupted atomic writes."""
+    """Embedding files no index names, and leftovers of interrupted atomic writes.
+
+    Latents live in shards; `reclaim` compacts those.
+    """
     keep = set()
-    if layout.latent_index.is_file():
-        keep |= {latent_file(layout.latent_dir, e.cache_key) for e in read_latent_index(layout.latent_index)}
     if layout.embedding_index.is_file():
         keep |= {embedding_file(layout.embedding_dir, e.cache_key) for e in read_embedding_index(layout.embedding_index)}
     stale = []
-    for folder in (layout.latent_dir, layout.embedding_dir):
-        if folder.is_dir():
-            stale += [p for p in folder.rglob("*") if p.is_file() and p not in keep]
+    if layout.embedding_dir.is_dir():
+        stale += [p for p in layout.embedding_dir.rglob("*") if p.is_file() and p not in keep]
     if layout.root.is_dir():
         stale += [p for p in layout.root.rglob(".*.tmp") if p.is_file()]
     return sorted(set(stale))
@@ -49,6 +49,11 @@ def reclaim(layout: Layout, dry_run: bool = False) -> Reclaimed:
         result.bytes += path.stat().st_size
         if not dry_run:
             path.unlink()
+    if not dry_run and layout.latent_index.is_file():
+        live = {e.cache_key for e in read_latent_index(layout.latent_index)}
+        files, freed = ShardStore(layout.latent_dir).compact(live, ENTRY_TENSORS)
+        result.files += files
+        result.bytes += freed
     return result
 
 

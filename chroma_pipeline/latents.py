@@ -4,6 +4,7 @@ An entry's key is image content hash + bucket + crop + VAE identity + dtype, so 
 replaced image, a new bucket or another VAE gets a new entry and an unchanged image is
 never encoded twice. Entries store the VAE posterior's mean and std (unscaled), so
 training can draw a fresh latent each time; the Chroma scaling is applied on use.
+Entries live in safetensors shards (see shards.py), found through their key.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import torch
 from .buckets import bucket_for, fit_to_bucket, to_model_input
 from .dataset import ManifestRow
 from .images import open_rgb
-from .storage import combine_hashes, load_tensors_checked, read_rows, save_tensors_atomic, write_rows_atomic
+from .shards import ShardStore
+from .storage import combine_hashes, read_rows, write_rows_atomic
 
 VAE_DOWNSCALE = 8
 
@@ -51,30 +53,21 @@ def latent_cache_key(
     return combine_hashes(image_sha256, f"{bucket[0]}x{bucket[1]}", pixels, vae_identity, str(dtype))
 
 
-def entry_file(cache_dir: Path, key: str) -> Path:
-    return Path(cache_dir) / key[:2] / f"{key}.safetensors"
-
-
 def scale_latents(latents: torch.Tensor, shift_factor: float, scaling_factor: float) -> torch.Tensor:
     """Map raw VAE latents into the space the Chroma transformer was trained on."""
     return (latents - shift_factor) * scaling_factor
 
 
-def _is_valid(entry: LatentEntry, latent_channels: int):
+ENTRY_TENSORS = ("mean", "std")
+
+
+def load_latent_entry(store: ShardStore, entry: LatentEntry, latent_channels: int) -> dict[str, torch.Tensor] | None:
+    """The cached mean/std, or None when missing or not trustworthy (truncated shard, wrong shape, NaN)."""
+    tensors = store.get(entry.cache_key, ENTRY_TENSORS)
     shape = (latent_channels, entry.bucket_height // VAE_DOWNSCALE, entry.bucket_width // VAE_DOWNSCALE)
-
-    def check(tensors: dict[str, torch.Tensor]) -> bool:
-        return all(
-            name in tensors and tuple(tensors[name].shape) == shape and torch.isfinite(tensors[name]).all()
-            for name in ("mean", "std")
-        )
-
-    return check
-
-
-def load_latent_entry(cache_dir: Path, entry: LatentEntry, latent_channels: int) -> dict[str, torch.Tensor] | None:
-    """The cached mean/std, or None when missing or not trustworthy (truncated, wrong shape, NaN)."""
-    return load_tensors_checked(entry_file(cache_dir, entry.cache_key), _is_valid(entry, latent_channels))
+    if tensors is None or any(tuple(t.shape) != shape or not torch.isfinite(t).all() for t in tensors.values()):
+        return None
+    return tensors
 
 
 class _BucketBatches(torch.utils.data.Dataset):
@@ -151,7 +144,8 @@ def encode_dataset(
         key = latent_cache_key(row.image_sha256, bucket, vae_identity, dtype, framing)
         entries.append(LatentEntry(row.path, row.image_sha256, bucket[0], bucket[1], key))
 
-    missing = [e for e in entries if load_latent_entry(cache_dir, e, latent_channels) is None]
+    store = ShardStore(cache_dir)
+    missing = [e for e in entries if load_latent_entry(store, e, latent_channels) is None]
     # Two rows can share a key only if they are the same image; encode it once.
     missing = list({e.cache_key: e for e in missing}.values())
     if not missing:
@@ -176,14 +170,11 @@ def encode_dataset(
     for batch, pixels in zip(batches, loader, strict=True):
         mean, std = encode_with_backoff(vae, pixels.to(device=device, dtype=dtype), log)
         for i, entry in enumerate(batch):
-            save_tensors_atomic(
-                entry_file(cache_dir, entry.cache_key),
-                {"mean": mean[i], "std": std[i]},
-                metadata={"image_sha256": entry.image_sha256, "bucket": f"{entry.bucket_width}x{entry.bucket_height}"},
-            )
+            store.put(entry.cache_key, {"mean": mean[i], "std": std[i]})
         encoded += len(batch)
         rate = encoded / (time.perf_counter() - started)
         log(f"encoded {encoded}/{len(missing)} images, {rate:.1f} images/s, ETA {(len(missing) - encoded) / rate:.0f}s")
+    store.flush()
     return entries, {"encoded": encoded, "reused": len(entries) - encoded}
 
 

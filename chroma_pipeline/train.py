@@ -23,6 +23,7 @@ from .config import ChromaConfig
 from .flow import add_noise, flow_target, image_position_ids, pack_latents, predict_velocity, sample_sigmas
 from .latents import LatentEntry, load_latent_entry, scale_latents
 from .lora import lora_config, save_adapter
+from .shards import ShardStore
 from .storage import atomic_dir
 from .text import load_embedding
 
@@ -62,11 +63,11 @@ def bucket_batches(samples: list[TrainingSample], batch_size: int, seed: int):
         epoch += 1
 
 
-def _load_batch(batch, samples, latent_dir, embedding_dir, vae_config, text_width, max_length, device, dtype, generator):
+def _load_batch(batch, samples, latent_store, embedding_dir, vae_config, text_width, max_length, device, dtype, generator):
     latents, embeds, masks = [], [], []
     for index in batch:
         sample = samples[index]
-        entry = load_latent_entry(latent_dir, sample.latent, vae_config["latent_channels"])
+        entry = load_latent_entry(latent_store, sample.latent, vae_config["latent_channels"])
         if entry is None:
             raise RuntimeError(f"latent cache entry for {sample.latent.path} is missing or corrupt: re-materialize image_latents")
         text = load_embedding(embedding_dir, sample.embedding_key, max_length, text_width)
@@ -125,7 +126,7 @@ def train_lora(
     device_type = torch.device(device).type
     batches = bucket_batches(samples, config.train_batch_size, config.seed)
     load = dict(
-        samples=samples, latent_dir=latent_dir, embedding_dir=embedding_dir, vae_config=vae_config,
+        samples=samples, latent_store=ShardStore(latent_dir), embedding_dir=embedding_dir, vae_config=vae_config,
         text_width=text_width, max_length=config.tokenizer_max_length, device=device, dtype=dtype, generator=generator,
     )
     empty = load_embedding(embedding_dir, empty_embedding_key, config.tokenizer_max_length, text_width)

@@ -79,12 +79,14 @@ def test_replaced_image_reencodes_exactly_that_image(small_project, counters):
     assert latents.stats["encoded"] == 1 and latents.data_version != first_latents.data_version
 
 
-def test_truncated_cache_entry_is_recomputed_not_trusted(small_project, counters):
+def test_truncated_cache_shard_is_recomputed_not_trusted(small_project, counters):
     _run(small_project)
-    entry = sorted((small_project.parent / "output" / "cache" / "latents").rglob("*.safetensors"))[0]
-    entry.write_bytes(entry.read_bytes()[:100])
+    (shard,) = (small_project.parent / "output" / "cache" / "latents").glob("*.safetensors")  # 9 images, one shard
+    shard.write_bytes(shard.read_bytes()[:1000])
     latents, _ = _run(small_project)
-    assert latents.stats["encoded"] == 1 and counters["images"] == 10
+    assert latents.stats["encoded"] == 9 and counters["images"] == 18
+    again, _ = _run(small_project)
+    assert again.stats["encoded"] == 0  # the new shard is trusted, the broken one no longer named
 
 
 def test_changing_encoder_settings_reencodes_every_text(small_project, counters):
@@ -163,11 +165,14 @@ def test_cleanup_reclaims_only_what_no_index_uses(small_project):
     (layout.latent_dir / ".half-written.safetensors.abc.tmp").write_bytes(b"crash")
     latents, texts = _run(small_project)
 
-    # The removed image's latent and its caption's embedding, the edited caption's old embedding, the crash leftover.
-    assert len(unreferenced_files(layout)) == 4
-    assert main(["--config", str(small_project), "--dry-run"]) == 0 and len(unreferenced_files(layout)) == 4
-    assert reclaim(layout).files == 4
+    # The removed image's caption embedding, the edited caption's old embedding, the crash leftover.
+    assert len(unreferenced_files(layout)) == 3
+    assert main(["--config", str(small_project), "--dry-run"]) == 0 and len(unreferenced_files(layout)) == 3
+    shards_before = sum(p.stat().st_size for p in layout.latent_dir.glob("*.safetensors"))
+    reclaimed = reclaim(layout)
+    assert reclaimed.files == 3 + 1  # and the latent shard, rewritten without the removed image
     assert unreferenced_files(layout) == []
+    assert sum(p.stat().st_size for p in layout.latent_dir.glob("*.safetensors")) < shards_before
     again_latents, again_texts = _run(small_project)  # the live caches are intact
     assert again_latents.stats["encoded"] == 0 and again_texts.stats["encoded"] == 0
 

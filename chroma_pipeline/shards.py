@@ -1,0 +1,112 @@
+"""Many small tensors in a few large safetensors files, found through a Parquet map.
+
+A dataset of 100k images must not mean 100k files. Entries written in one run go into
+shards of a few hundred MB; `shards.parquet` maps each entry's key to its shard. A shard
+is written under a temporary name and renamed, and the map is rewritten after it, so a
+crash leaves at worst an orphan shard (removed by `compact`), never a map entry pointing
+at half a file. A shard that does not open, or lacks an entry, is treated as absent.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from safetensors import safe_open
+
+from .storage import atomic_path, save_tensors_atomic
+
+MAX_SHARD_BYTES = 256 * 2**20
+
+
+class ShardStore:
+    def __init__(self, folder: Path, max_shard_bytes: int = MAX_SHARD_BYTES):
+        self.folder = Path(folder)
+        self.map_path = self.folder / "shards.parquet"
+        self.max_shard_bytes = max_shard_bytes
+        self.mapping: dict[str, str] = {}  # entry key -> shard file name
+        if self.map_path.is_file():
+            table = pq.read_table(self.map_path).to_pydict()
+            self.mapping = dict(zip(table["key"], table["shard"], strict=True))
+        self._open: dict[str, object] = {}
+        self._broken: set[str] = set()
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_keys: list[str] = []
+        self._pending_bytes = 0
+
+    def get(self, key: str, names: tuple[str, ...]) -> dict[str, torch.Tensor] | None:
+        shard = self.mapping.get(key)
+        if shard is None or shard in self._broken:
+            return None
+        try:
+            handle = self._open.get(shard) or self._open.setdefault(
+                shard, safe_open(str(self.folder / shard), framework="pt")
+            )
+            return {name: handle.get_tensor(f"{key}/{name}") for name in names}
+        except Exception:  # missing, truncated or foreign file: recompute rather than trust it
+            self._broken.add(shard)
+            return None
+
+    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        for name, tensor in tensors.items():
+            tensor = tensor.detach().contiguous().cpu()
+            self._pending[f"{key}/{name}"] = tensor
+            self._pending_bytes += tensor.numel() * tensor.element_size()
+        self._pending_keys.append(key)
+        if self._pending_bytes >= self.max_shard_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        shard = f"{uuid.uuid4().hex}.safetensors"
+        save_tensors_atomic(self.folder / shard, self._pending)
+        self.mapping.update({key: shard for key in self._pending_keys})
+        self._write_map()
+        self._pending, self._pending_keys, self._pending_bytes = {}, [], 0
+
+    def _write_map(self) -> None:
+        keys = sorted(self.mapping)
+        table = pa.table({"key": keys, "shard": [self.mapping[k] for k in keys]})
+        with atomic_path(self.map_path) as tmp:
+            pq.write_table(table, tmp)
+
+    def compact(self, live_keys: set[str], names: tuple[str, ...]) -> tuple[int, int]:
+        """Drop entries not in `live_keys`: delete dead shards, rewrite partly dead ones.
+
+        Returns (files removed, bytes freed).
+        """
+        self._open.clear()
+        by_shard: dict[str, list[str]] = {}
+        for key, shard in self.mapping.items():
+            by_shard.setdefault(shard, []).append(key)
+        before, emptied = self._bytes_on_disk(), []
+        for shard, keys in by_shard.items():
+            live = [k for k in keys if k in live_keys]
+            if len(live) == len(keys):
+                continue
+            for key in live:  # copied into a new shard; the map points there after flush()
+                entry = self.get(key, names)
+                if entry is not None:
+                    self.put(key, entry)
+                else:
+                    self.mapping.pop(key)
+            for key in keys:
+                if key not in live_keys:
+                    self.mapping.pop(key)
+            emptied.append(shard)
+        self.flush()
+        self._write_map()
+        # Only now, with the new map on disk, is it safe to delete what it no longer names.
+        self._open.clear()
+        known = set(self.mapping.values())
+        stale = [self.folder / s for s in emptied] + [p for p in self.folder.glob("*.safetensors") if p.name not in known]
+        for path in set(stale):
+            path.unlink(missing_ok=True)
+        return len(set(stale)), before - self._bytes_on_disk()
+
+    def _bytes_on_disk(self) -> int:
+        return sum(p.stat().st_size for p in self.folder.glob("*.safetensors")) if self.folder.is_dir() else 0
