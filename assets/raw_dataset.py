@@ -1,3 +1,4 @@
+import warnings
 from collections import Counter
 
 from dagster import AssetExecutionContext, AssetKey, AssetSpec, DataVersion, MaterializeResult, MetadataValue, multi_asset
@@ -25,7 +26,11 @@ CAPTIONS = AssetKey(["raw_dataset", "captions"])
 def raw_dataset(context: AssetExecutionContext, chroma: ChromaConfigResource, store: ArtifactStore):
     """Scan the dataset folder into a manifest: every file, its content hashes, or why it was skipped."""
     config = load_config_for(context, chroma, "raw_dataset")
-    result, rows = build_manifest(config, store.layout(config))
+    with warnings.catch_warnings(record=True) as caught:  # e.g. a caption that is not UTF-8
+        warnings.simplefilter("always")
+        result, rows = build_manifest(config, store.layout(config))
+    for warning in caught:
+        context.log.warning(str(warning.message))
     versions = result.stats["versions"]
     skipped = [row for row in rows if row.status != "ok"]
     for row in skipped:
@@ -50,6 +55,8 @@ def raw_dataset(context: AssetExecutionContext, chroma: ChromaConfigResource, st
             "captions": len(usable),
             "distinct captions": len({row.caption_sha256 for row in usable}),
             "empty captions": sum(1 for row in usable if not row.caption),
+            "captions by source": MetadataValue.json(dict(Counter(row.caption_source for row in usable))),
+            "caption warnings": len(caught),
             "manifest": MetadataValue.path(str(result.path)),
         },
     )

@@ -7,9 +7,10 @@ from dagster import DagsterInstance
 from assets.definitions import materialize_chain
 
 
-def _materialize_raw(config_path):
+def _materialize_raw(config_path, instance=None):
     scan = ["raw_dataset/images", "raw_dataset/captions"]
-    return materialize_chain(str(config_path), DagsterInstance.ephemeral(), selection=scan, device="cpu", raise_on_error=False)
+    return materialize_chain(str(config_path), instance or DagsterInstance.ephemeral(), selection=scan, device="cpu",
+                             raise_on_error=False)
 
 
 def test_corrupt_and_uncaptioned_files_are_reported_not_dropped(small_project):
@@ -25,6 +26,19 @@ def test_corrupt_and_uncaptioned_files_are_reported_not_dropped(small_project):
     assert metadata["samples"].value == 8 and metadata["skipped"].value == 2
     assert metadata["skipped by reason"].value == {"unreadable": 1, "no caption": 1}
     assert "truncated.png" in metadata["skipped files"].value
+
+
+def test_caption_sources_and_encoding_warnings_reach_the_dagster_log(small_project):
+    dataset = small_project.parent / "dataset"
+    sorted(dataset.glob("0*.txt"))[0].write_bytes("une légende".encode("latin-1"))
+    instance = DagsterInstance.ephemeral()
+    result = _materialize_raw(small_project, instance)
+    captions = next(e for e in result.get_asset_materialization_events()
+                    if e.asset_key.to_user_string() == "raw_dataset/captions").step_materialization_data.materialization
+    assert captions.metadata["caption warnings"].value == 1
+    assert captions.metadata["captions by source"].value == {"textfile": 9}
+    logged = [entry.user_message for entry in instance.all_logs(result.run_id)]
+    assert any("not UTF-8; read as latin-1" in message for message in logged)
 
 
 def test_a_dataset_with_nothing_usable_fails_with_the_reasons(small_project):

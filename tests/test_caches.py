@@ -79,6 +79,16 @@ def test_replaced_image_reencodes_exactly_that_image(small_project, counters):
     assert latents.stats["encoded"] == 1 and latents.data_version != first_latents.data_version
 
 
+def test_adding_one_image_encodes_one_image(small_project, counters):
+    _run(small_project)
+    new = small_project.parent / "dataset" / "new.png"
+    Image.new("RGB", (300, 200), "teal").save(new)
+    new.with_suffix(".txt").write_text("a teal rectangle, new")
+    latents, texts = _run(small_project)
+    assert (latents.stats["encoded"], texts.stats["encoded"]) == (1, 1)
+    assert counters["images"] == 9 + 1
+
+
 def test_truncated_cache_shard_is_recomputed_not_trusted(small_project, counters):
     _run(small_project)
     (shard,) = (small_project.parent / "output" / "cache" / "latents").glob("*.safetensors")  # 9 images, one shard
