@@ -70,7 +70,7 @@ class ChromaConfig(BaseModel):
     text_encoder_precision: Literal["no_change", "int8-quanto"] = "no_change"  # int8: T5-XXL in ~5 GB
     flux_t5_padding: Literal["unmodified", "zero"] = "unmodified"
     caption_dropout_probability: float = Field(0.0, ge=0.0, lt=1.0)
-    vae_batch_size: int = Field(4, ge=1)
+    vae_batch_size: int | None = Field(None, ge=1)  # None: 1 on CPU (measured faster there), 4 on a GPU
     vae_workers: int | None = Field(None, ge=0)  # processes decoding images ahead of the VAE; None: up to 4
 
     # --- LoRA and optimisation ----------------------------------------------------
