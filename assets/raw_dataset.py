@@ -42,7 +42,8 @@ def raw_dataset(context: AssetExecutionContext, chroma: ChromaConfigResource, st
         metadata={
             "samples": result.stats["samples"],
             "skipped": result.stats["skipped"],
-            "skipped by reason": MetadataValue.json(dict(Counter(row.skip_reason for row in skipped))),
+            # "duplicate of a.png" and "duplicate of b.png" count as one reason; the table keeps which.
+            "skipped by reason": MetadataValue.json(dict(Counter(row.skip_reason.split(" of ")[0] for row in skipped))),
             "skipped files": markdown_table(["file", "reason"], [[r.path, r.skip_reason] for r in skipped[:200]]),
             "manifest": MetadataValue.path(str(result.path)),
             "dataset": MetadataValue.path(config.instance_data_dir),

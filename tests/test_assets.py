@@ -18,13 +18,16 @@ def test_corrupt_and_uncaptioned_files_are_reported_not_dropped(small_project):
     (dataset / "truncated.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")  # a download cut short
     (dataset / "truncated.txt").write_text("a broken download")
     sorted(dataset.glob("0*.txt"))[0].unlink()  # one demo image loses its caption
+    for copy in ("zz-copy-1", "zz-copy-2"):  # two copies of one image (sorted after the original)
+        (dataset / f"{copy}.png").write_bytes(sorted(dataset.glob("0*.png"))[1].read_bytes())
+        (dataset / f"{copy}.txt").write_text("a copy")
 
     result = _materialize_raw(small_project)
     assert result.success
     metadata = next(e for e in result.get_asset_materialization_events()
                     if e.asset_key.to_user_string() == "raw_dataset/images").step_materialization_data.materialization.metadata
-    assert metadata["samples"].value == 8 and metadata["skipped"].value == 2
-    assert metadata["skipped by reason"].value == {"unreadable": 1, "no caption": 1}
+    assert metadata["samples"].value == 8 and metadata["skipped"].value == 4
+    assert metadata["skipped by reason"].value == {"unreadable": 1, "no caption": 1, "duplicate": 2}
     assert "truncated.png" in metadata["skipped files"].value
 
 
