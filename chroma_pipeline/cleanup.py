@@ -10,11 +10,12 @@ command deletes what no current index references, plus temporary files a crash l
 from __future__ import annotations
 
 import argparse
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from .latents import ENTRY_TENSORS, read_latent_index
-from .shards import ShardStore
+from .shards import ORPHAN_AGE_SECONDS, ShardStore
 from .steps import Layout
 from .text import entry_file as embedding_file
 from .text import read_embedding_index
@@ -37,8 +38,9 @@ def unreferenced_files(layout: Layout) -> list[Path]:
     stale = []
     if layout.embedding_dir.is_dir():
         stale += [p for p in layout.embedding_dir.rglob("*") if p.is_file() and p not in keep]
-    if layout.root.is_dir():
-        stale += [p for p in layout.root.rglob(".*.tmp") if p.is_file()]
+    if layout.root.is_dir():  # an atomic write in progress is young; one a crash left behind is old
+        old_enough = time.time() - ORPHAN_AGE_SECONDS
+        stale += [p for p in layout.root.rglob(".*.tmp") if p.is_file() and p.stat().st_mtime < old_enough]
     return sorted(set(stale))
 
 

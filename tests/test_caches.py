@@ -1,5 +1,6 @@
 """Latent and embedding caches: only what changed is encoded, and a bad entry is never trusted."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -172,7 +173,9 @@ def test_cleanup_reclaims_only_what_no_index_uses(small_project):
     image.unlink()  # a removed image: its latent leaves the index but stays on disk
     caption = sorted((small_project.parent / "dataset").glob("*.txt"))[1]
     caption.write_text("a new caption")  # an edited caption: the old embedding is unreferenced
-    (layout.latent_dir / ".half-written.safetensors.abc.tmp").write_bytes(b"crash")
+    leftover = layout.latent_dir / ".half-written.safetensors.abc.tmp"
+    leftover.write_bytes(b"crash")
+    os.utime(leftover, (0, 0))  # a crash long ago; a young temp file may be a write in progress
     latents, texts = _run(small_project)
 
     # The removed image's caption embedding, the edited caption's old embedding, the crash leftover.

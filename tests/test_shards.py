@@ -1,5 +1,7 @@
 """The shard store behind the latent cache: few files, crash-safe, nothing trusted blindly."""
 
+import os
+
 import torch
 
 from chroma_pipeline.shards import ShardStore
@@ -36,9 +38,23 @@ def test_compact_keeps_live_entries_and_removes_dead_and_orphan_shards(tmp_path)
         store.put(key, _entry(ord(key)))
     store.flush()
     (tmp_path / "orphan.safetensors").write_bytes(b"from a run that died before writing the map")
+    os.utime(tmp_path / "orphan.safetensors", (0, 0))  # long ago
+    (tmp_path / "young.safetensors").write_bytes(b"a run may be about to map this one")
     removed, freed = ShardStore(tmp_path).compact({"a", "c"}, ("mean", "std"))
     assert removed == 2 and freed > 0  # the old shard (b was dead in it) and the orphan
     after = ShardStore(tmp_path)
     assert after.get("b", ("mean",)) is None
     assert torch.equal(after.get("c", ("mean",))["mean"], torch.full((4, 8, 8), float(ord("c"))))
-    assert len(list(tmp_path.glob("*.safetensors"))) == 1
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors") if p.name != "young.safetensors") != []
+    assert (tmp_path / "young.safetensors").exists()
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2
+
+
+def test_two_writers_on_one_store_keep_each_others_entries(tmp_path):
+    first, second = ShardStore(tmp_path), ShardStore(tmp_path)  # e.g. two runs encoding at once
+    first.put("from-first", _entry(1))
+    second.put("from-second", _entry(2))
+    first.flush()
+    second.flush()
+    reader = ShardStore(tmp_path)
+    assert reader.get("from-first", ("mean",)) is not None and reader.get("from-second", ("mean",)) is not None
