@@ -15,6 +15,7 @@ from PIL import Image
 
 BUCKET_STEP = 64
 MEGAPIXEL = 1024 * 1024  # resolution_type "area": 1.0 means a 1024x1024 budget
+MAX_ASPECT = 4.0
 
 
 def _snap(value: float) -> int:
@@ -31,7 +32,8 @@ def bucket_for(
     - area: `resolution` megapixels, at the image's aspect ratio.
     `crop_aspect="square"` puts every image in the square bucket of that size instead.
     """
-    aspect = 1.0 if crop_aspect == "square" else round(width / height, 2)  # rounded: near-equal ratios share a bucket
+    # Rounded so near-equal ratios share a bucket; clamped so a 1:50 strip still gets a sane bucket (cropped to 1:4).
+    aspect = 1.0 if crop_aspect == "square" else min(MAX_ASPECT, max(1 / MAX_ASPECT, round(width / height, 2)))
     if resolution_type == "pixel":
         short = int(resolution)
         return (_snap(short * aspect), short) if aspect >= 1 else (short, _snap(short / aspect))

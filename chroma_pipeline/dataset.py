@@ -9,6 +9,7 @@ cannot use gets a row with the reason. Hashes are of content, never names or mti
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 import warnings
@@ -82,12 +83,15 @@ def find_metadata(root: Path, options: ScanOptions) -> Path | None:
 
 
 def read_metadata_captions(path: Path, file_column: str, caption_column: str) -> dict[str, str]:
-    """file name (relative, forward slashes) -> caption, from a jsonl, csv or parquet table."""
+    """file name (relative to the metadata file's folder) -> caption, from a jsonl, csv or parquet table.
+
+    A row whose caption is empty of value (null, NaN) counts as no caption, so the fallback applies.
+    """
     if path.suffix == ".jsonl":
-        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        text = decode_caption(path.read_bytes(), str(path))
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
     elif path.suffix == ".csv":
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            records = list(csv.DictReader(handle))
+        records = list(csv.DictReader(io.StringIO(decode_caption(path.read_bytes(), str(path)), newline="")))
     else:
         records = pq.read_table(path).to_pylist()
     if records and (file_column not in records[0] or caption_column not in records[0]):
@@ -95,7 +99,11 @@ def read_metadata_captions(path: Path, file_column: str, caption_column: str) ->
             f"{path}: needs columns {file_column!r} and {caption_column!r} (found {sorted(records[0])}); "
             "set metadata_file_column / metadata_caption_column"
         )
-    return {str(r[file_column]).replace("\\", "/").removeprefix("./"): str(r[caption_column] or "") for r in records}
+    return {
+        str(r[file_column]).replace("\\", "/").removeprefix("./"): str(r[caption_column])
+        for r in records
+        if r[caption_column] is not None and r[caption_column] == r[caption_column]  # not None, not NaN
+    }
 
 
 def too_small(width: int, height: int, options: ScanOptions) -> bool:
@@ -117,10 +125,12 @@ def scan_dataset(root: Path, options: ScanOptions = ScanOptions()) -> list[Manif
     metadata_path = None if options.caption_strategy == "textfile" else find_metadata(root, options)
     if options.caption_strategy == "metadata" and metadata_path is None:
         raise FileNotFoundError(f"caption_strategy is 'metadata' but {root} has none of {', '.join(METADATA_FILES)}")
-    listed = (
-        read_metadata_captions(metadata_path, options.metadata_file_column, options.metadata_caption_column)
-        if metadata_path else None
-    )
+    listed = None
+    if metadata_path:
+        # Names in a metadata file are relative to its own folder (the Hugging Face image-folder rule).
+        prefix = metadata_path.parent.relative_to(root).as_posix()
+        captions = read_metadata_captions(metadata_path, options.metadata_file_column, options.metadata_caption_column)
+        listed = {(name if prefix == "." else f"{prefix}/{name}"): text for name, text in captions.items()}
 
     rows: list[ManifestRow] = []
     seen_hashes: dict[str, str] = {}

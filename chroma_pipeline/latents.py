@@ -9,6 +9,7 @@ Entries live in safetensors shards (see shards.py), found through their key.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections import defaultdict
@@ -82,14 +83,17 @@ class _BucketBatches(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         batch = self.batches[index]
         bucket = (batch[0].bucket_width, batch[0].bucket_height)
+        return torch.stack([self._pixels(entry, bucket) for entry in batch])
+
+    def _pixels(self, entry: LatentEntry, bucket: tuple[int, int]) -> torch.Tensor:
+        # Decode the very bytes whose hash keys the entry: a file edited after the scan must not
+        # leave its new pixels cached under the old content's key.
+        data = (self.dataset_root / entry.path).read_bytes()
+        if hashlib.sha256(data).hexdigest() != entry.image_sha256:
+            raise RuntimeError(f"{entry.path} changed since the dataset scan: re-materialize raw_dataset, then image_latents")
         framing = self.framing
-        return torch.stack([
-            to_model_input(fit_to_bucket(
-                open_rgb(self.dataset_root / e.path, framing.background), bucket, framing.crop, framing.crop_style,
-                seed=e.image_sha256,
-            ))
-            for e in batch
-        ])
+        image = open_rgb(data, framing.background)
+        return to_model_input(fit_to_bucket(image, bucket, framing.crop, framing.crop_style, seed=entry.image_sha256))
 
 
 def encode_with_backoff(vae, pixels: torch.Tensor, log=print) -> tuple[torch.Tensor, torch.Tensor]:

@@ -179,3 +179,53 @@ def test_images_needing_too_much_upscaling_are_listed_not_silently_blown_up(tmp_
     rows = {row.path: row for row in scan_dataset(tmp_path, options)}
     assert rows["small.png"].skip_reason == "needs more upscaling than maximum_upscale"  # 200 -> 1024 is 5x
     assert rows["fine.png"].status == "ok"
+
+
+def test_metadata_files_with_a_bom_or_windows_encoding_are_read(tmp_path):
+    Image.new("RGB", (128, 128), "red").save(tmp_path / "a.png")
+    (tmp_path / "metadata.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"file_name": "a.png", "text": "red"}).encode())
+    assert scan_dataset(tmp_path)[0].caption == "red"
+    (tmp_path / "metadata.jsonl").unlink()
+    (tmp_path / "metadata.csv").write_bytes('file_name,text\na.png,"crème, brûlée"\n'.encode("cp1252"))
+    with pytest.warns(UserWarning, match="not UTF-8"):
+        assert scan_dataset(tmp_path)[0].caption == "crème, brûlée"
+
+
+def test_metadata_names_are_relative_to_the_metadata_file_and_nulls_fall_back(tmp_path):
+    (tmp_path / "train").mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (128, 128), "red" if name == "a.png" else "blue").save(tmp_path / "train" / name)
+    records = [{"file_name": "a.png", "text": "a red square"}, {"file_name": "b.png", "text": None}]
+    (tmp_path / "train" / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    rows = {r.path: r for r in scan_dataset(tmp_path, ScanOptions(metadata_file="train/metadata.jsonl"))}
+    assert rows["train/a.png"].caption == "a red square"
+    assert rows["train/b.png"].skip_reason == "no caption"  # null is not a caption: the fallback decides
+
+
+def test_a_transparent_colour_in_an_rgb_png_takes_the_background(tmp_path):
+    Image.new("RGB", (64, 64), (0, 255, 0)).save(tmp_path / "keyed.png", transparency=(0, 255, 0))
+    assert open_rgb(tmp_path / "keyed.png", background="white").getpixel((5, 5)) == (255, 255, 255)
+
+
+def test_a_very_thin_image_gets_a_bucket_instead_of_crashing():
+    from chroma_pipeline.buckets import bucket_for
+
+    width, height = bucket_for(10, 2100, 1024, "pixel_area")
+    assert width % 64 == 0 and height % 64 == 0 and height / width <= 4.5
+
+
+@pytest.mark.slow
+def test_an_image_edited_after_the_scan_is_not_cached_under_the_old_hash(tmp_path):
+    dataset = tmp_path / "data"
+    dataset.mkdir()
+    for name, colour in [("red.png", "red"), ("blue.png", "blue")]:
+        Image.new("RGB", (256, 256), colour).save(dataset / name)
+        _caption(dataset / name)
+    config = write_config(tmp_path / "config.json", demo_config(dataset, tmp_path / "out"))
+    scan = ["raw_dataset/images", "raw_dataset/captions"]
+    assert materialize_chain(str(config), DagsterInstance.ephemeral(), selection=scan, device="cpu").success
+    Image.new("RGB", (256, 256), "green").save(dataset / "red.png")  # edited between scan and encoding
+    result = materialize_chain(str(config), DagsterInstance.ephemeral(), selection=["image_latents"], device="cpu",
+                               raise_on_error=False)
+    error = str(next(e for e in result.all_events if e.is_step_failure).event_specific_data.error)
+    assert "red.png changed since the dataset scan" in error
