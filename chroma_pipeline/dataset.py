@@ -66,10 +66,6 @@ def decode_caption(raw: bytes, where: str) -> str:
         return raw.decode("latin-1")
 
 
-def read_caption(path: Path) -> str:
-    return decode_caption(path.read_bytes(), str(path)).strip()
-
-
 def find_metadata(root: Path, options: ScanOptions) -> Path | None:
     if options.metadata_file:
         path = (root / options.metadata_file).resolve()

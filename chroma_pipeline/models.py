@@ -146,6 +146,3 @@ def load_scheduler(model_dir: Path):
 
     return FlowMatchEulerDiscreteScheduler.from_pretrained(model_dir, subfolder="scheduler")
 
-
-def transformer_config(model_dir: Path) -> dict:
-    return json.loads((Path(model_dir) / "transformer" / "config.json").read_text())
