@@ -238,8 +238,7 @@ def embeddings_version(entries) -> str:
 # --- quantized_base_model ------------------------------------------------------------
 
 
-def quantized_key(config: ChromaConfig, layout: Layout, device: DeviceInfo) -> str:
-    model_dir = _model_dir(config, layout)
+def quantized_key(config: ChromaConfig, model_dir: Path, device: DeviceInfo) -> str:
     identity = models.component_identity(model_dir, "transformer")
     return quantized_model_key(identity, config.base_model_precision, device.compute_dtype(config.mixed_precision))
 
@@ -251,7 +250,7 @@ def build_quantized(config: ChromaConfig, layout: Layout, device: DeviceInfo, lo
         identity = models.component_identity(model_dir, "transformer")
         return StepResult(identity, model_dir / "transformer", {"precision": precision, "reused": True})
 
-    key = quantized_key(config, layout, device)
+    key = quantized_key(config, model_dir, device)
     folder = layout.quantized_dir(key)
     if is_complete(folder):
         log(f"reusing quantized transformer {folder}")
@@ -268,12 +267,12 @@ def build_quantized(config: ChromaConfig, layout: Layout, device: DeviceInfo, lo
     return StepResult(key, folder, {**manifest, "reused": False})
 
 
-def load_base_transformer(config: ChromaConfig, layout: Layout, device: DeviceInfo):
+def load_base_transformer(config: ChromaConfig, layout: Layout, model_dir: Path, device: DeviceInfo):
     """The transformer as quantized_base_model saved it; never quantizes again."""
     if config.base_model_precision == "no_change":
         dtype = device.compute_dtype(config.mixed_precision)
-        return models.load_transformer(_model_dir(config, layout), dtype).to(device.torch_device)
-    return load_quantized(layout.quantized_dir(quantized_key(config, layout, device)), device.torch_device)
+        return models.load_transformer(model_dir, dtype).to(device.torch_device)
+    return load_quantized(layout.quantized_dir(quantized_key(config, model_dir, device)), device.torch_device)
 
 
 # --- lora_adapter --------------------------------------------------------------------
@@ -301,20 +300,21 @@ def training_samples(layout: Layout):
     return samples, empty_keys[0]
 
 
-def adapter_key(config: ChromaConfig, layout: Layout, device: DeviceInfo, samples, empty_key: str) -> str:
+def adapter_key(config: ChromaConfig, model_dir: Path, device: DeviceInfo, samples, empty_key: str) -> str:
     """What decides the adapter: the (latent, caption) pairs it trains on, the base model and the settings.
 
     Validation prompts are not part of it: changing them re-renders the grid, never retrains.
     """
     pairs = sorted(f"{s.latent.cache_key}:{s.embedding_key}" for s in samples)
-    return combine_hashes(*pairs, empty_key, quantized_key(config, layout, device), config.settings_hash(*TRAINING_KEYS))
+    return combine_hashes(*pairs, empty_key, quantized_key(config, model_dir, device), config.settings_hash(*TRAINING_KEYS))
 
 
 def build_adapter(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=print) -> StepResult:
     from .train import train_lora
 
+    model_dir = _model_dir(config, layout)
     samples, empty_key = training_samples(layout)
-    key = adapter_key(config, layout, device, samples, empty_key)
+    key = adapter_key(config, model_dir, device, samples, empty_key)
     folder = layout.adapter_dir(key)
     adapter = folder / "pytorch_lora_weights.safetensors"
     if adapter.is_file() and (folder / "loss_history.json").is_file():
@@ -322,9 +322,8 @@ def build_adapter(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=
         losses = json.loads((folder / "loss_history.json").read_text())
         return StepResult(key, adapter, {"steps": len(losses), "losses": losses, "reused": True})
 
-    model_dir = _model_dir(config, layout)
     seed_everything(config.seed)
-    transformer = load_base_transformer(config, layout, device)
+    transformer = load_base_transformer(config, layout, model_dir, device)
     device.reset_peak_memory()
     result = train_lora(
         config, transformer, samples, empty_key, layout.latent_dir, layout.embedding_dir,
@@ -345,7 +344,8 @@ def build_adapter(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=
 def build_grid(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=print) -> StepResult:
     from .grid import adapter_is_active, assemble_grid, make_pipeline, render
 
-    key_adapter = adapter_key(config, layout, device, *training_samples(layout))
+    model_dir = _model_dir(config, layout)
+    key_adapter = adapter_key(config, model_dir, device, *training_samples(layout))
     adapter = layout.adapter_dir(key_adapter) / "pytorch_lora_weights.safetensors"
     if not adapter.is_file():
         raise FileNotFoundError(f"no adapter for the current data and settings at {adapter}: materialize lora_adapter first")
@@ -364,7 +364,6 @@ def build_grid(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=pri
         summary = json.loads((folder / "grid.json").read_text())
         return StepResult(key, grid_path, {**summary, "reused": True})
 
-    model_dir = _model_dir(config, layout)
     dtype = device.compute_dtype(config.mixed_precision)
     width = _text_width(model_dir)
 
@@ -378,7 +377,7 @@ def build_grid(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=pri
     embeddings = {prompt: cached("validation", prompt) for prompt in prompts}
     negative = cached("negative", config.validation_negative_prompt)
 
-    transformer = load_base_transformer(config, layout, device).to(device.torch_device)
+    transformer = load_base_transformer(config, layout, model_dir, device)
     vae = models.load_vae(model_dir, dtype).to(device.torch_device)
     pipe = make_pipeline(transformer, vae, models.load_scheduler(model_dir))
     pipe.set_progress_bar_config(disable=True)
