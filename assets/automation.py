@@ -33,7 +33,8 @@ def on_unsynced() -> AutomationCondition:
     After a failed run the asset is not retried on every tick (a broken setting would loop);
     it is retried once something changes: a parent's data version or its own code version.
     Parents requested on the same tick pull their children into the same run, so a caption
-    edit becomes one run (embeddings, adapter, grid) instead of three.
+    edit becomes one run (embeddings, adapter, grid) instead of three. Nothing trains on a
+    parent whose blocking check failed (NaN latents, a broken mask, a NaN base model).
     """
     changed_since_handled = (
         AutomationCondition.any_deps_match(AutomationCondition.data_version_changed())
@@ -43,6 +44,7 @@ def on_unsynced() -> AutomationCondition:
     return (
         ((Unsynced() & retry_allowed) | AutomationCondition.any_deps_match(AutomationCondition.will_be_requested()))
         & ~AutomationCondition.any_deps_missing()
+        & AutomationCondition.all_deps_blocking_checks_passed()
         & ~AutomationCondition.any_deps_in_progress()
         & ~AutomationCondition.in_progress()
     ).with_label("unsynced (data versions, settings) or missing")

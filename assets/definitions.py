@@ -24,13 +24,17 @@ from dagster import (
     in_process_executor,
     map_asset_specs,
 )
+from dagster._utils.schedules import is_valid_cron_string
 
-from chroma_pipeline.config import ChromaConfig, load_config
+from chroma_pipeline.config import ChromaConfig, ConfigError, load_config
 from resources import ArtifactStore, ChromaConfigResource, GPUResource
 
 from . import ALL_ASSETS
 from ._versions import step_code_version
 from .automation import on_unsynced
+from .checks import ALL_CHECKS
+from .dataset_folder import dataset_folder
+from .watch import build_retrain_schedule, dataset_scan, dataset_watch
 
 DEFAULT_CONFIG = "chroma-demo/config.jsonc"
 
@@ -54,14 +58,9 @@ def chain_assets(config: ChromaConfig) -> list:
     return map_asset_specs(configure, ALL_ASSETS)
 
 
-def build_definitions(config_path: str | None = None, device: str | None = None) -> Definitions:
-    resources = make_resources(config_path, device)
-    # A config that does not load fails the code location with the reason: guessing code
-    # versions instead would make every asset look unsynced and start runs bound to fail.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # unknown keys are reported again in each run's log
-        config = load_config(resources["chroma"].config_path)
-    jobs = [
+def chain_jobs() -> list:
+    lora, grid = AssetKey("lora_adapter"), AssetKey("validation_grid")
+    return [
         define_asset_job("full_chain", AssetSelection.all(), description="dataset scan to validation grid"),
         define_asset_job(
             "caption_branch",
@@ -73,7 +72,24 @@ def build_definitions(config_path: str | None = None, device: str | None = None)
             AssetSelection.assets(AssetKey("image_latents")).downstream(),
             description="after image edits: latents, adapter, grid",
         ),
+        define_asset_job(
+            "retrain_from_caches", AssetSelection.assets(lora, grid),
+            description="train again on the cached latents, embeddings and base model, then render the grid",
+        ),
+        define_asset_job("validation_only", AssetSelection.assets(grid), description="render the grid of the current adapter"),
+        dataset_scan,
     ]
+
+
+def build_definitions(config_path: str | None = None, device: str | None = None) -> Definitions:
+    resources = make_resources(config_path, device)
+    # A config that does not load fails the code location with the reason: guessing code
+    # versions instead would make every asset look unsynced and start runs bound to fail.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # unknown keys are reported again in each run's log
+        config = load_config(resources["chroma"].config_path)
+    if not is_valid_cron_string(config.retrain_cron):
+        raise ConfigError(f"`retrain_cron` = {config.retrain_cron!r} is not a cron string; e.g. '0 3 * * *' (03:00 daily)")
     automation = AutomationConditionSensorDefinition(
         "chroma_automation",
         target=AssetSelection.all(),
@@ -85,7 +101,8 @@ def build_definitions(config_path: str | None = None, device: str | None = None)
     # One process for the whole run: the VAE, T5 and the transformer must not be loaded side
     # by side by parallel steps, and every step runs on the same accelerator anyway.
     return Definitions(
-        assets=chain_assets(config), resources=resources, jobs=jobs, sensors=[automation],
+        assets=[dataset_folder, *chain_assets(config)], asset_checks=ALL_CHECKS, resources=resources,
+        jobs=chain_jobs(), sensors=[automation, dataset_watch], schedules=[build_retrain_schedule(config)],
         executor=in_process_executor,
     )
 
@@ -96,7 +113,8 @@ def materialize_chain(config_path: str, instance, selection=None, device: str | 
 
     definitions = build_definitions(config_path, device)
     return materialize(
-        list(definitions.assets), resources=definitions.resources, instance=instance, selection=selection, **kwargs
+        [*definitions.assets, *definitions.asset_checks], resources=definitions.resources, instance=instance,
+        selection=selection, **kwargs,
     )
 
 

@@ -8,6 +8,7 @@ from resources import ArtifactStore, ChromaConfigResource
 
 from ._metadata import markdown_table
 from ._versions import load_config_for
+from .dataset_folder import DATASET_FOLDER, observe_if_changed
 
 # One scan, two assets: images and captions get separate data versions, so editing a
 # caption leaves image_latents in sync and editing pixels leaves text_embeddings in sync.
@@ -19,16 +20,25 @@ CAPTIONS = AssetKey(["raw_dataset", "captions"])
     name="raw_dataset",
     group_name="chroma",
     specs=[
-        AssetSpec(IMAGES, kinds={"parquet"}, description="The usable images of `instance_data_dir`, by content hash."),
-        AssetSpec(CAPTIONS, kinds={"parquet"}, description="Which caption goes with which image."),
+        AssetSpec(IMAGES, deps=[DATASET_FOLDER], kinds={"parquet"},
+                  description="The usable images of `instance_data_dir`, by content hash."),
+        AssetSpec(CAPTIONS, deps=[DATASET_FOLDER], kinds={"parquet"}, description="Which caption goes with which image."),
     ],
 )
 def raw_dataset(context: AssetExecutionContext, chroma: ChromaConfigResource, store: ArtifactStore):
     """Scan the dataset folder into a manifest: every file, its content hashes, or why it was skipped."""
     config = load_config_for(context, chroma, "raw_dataset")
+    layout = store.layout(config)
+    # Record the folder content this scan reads before recording the scan, so its lineage
+    # names that content; otherwise the next watcher tick would call the fresh scan unsynced.
+    fingerprint, observation = observe_if_changed(context.instance, config, layout)
+    if observation is not None:
+        context.instance.report_runless_asset_event(observation)
+        # Dagster read the inputs' versions when the step started; make it read them again.
+        context.op_execution_context._step_execution_context.wipe_input_asset_version_info(DATASET_FOLDER)
     with warnings.catch_warnings(record=True) as caught:  # e.g. a caption that is not UTF-8
         warnings.simplefilter("always")
-        result, rows = build_manifest(config, store.layout(config))
+        result, rows = build_manifest(config, layout)
     for warning in caught:
         context.log.warning(str(warning.message))
     versions = result.stats["versions"]
@@ -47,6 +57,7 @@ def raw_dataset(context: AssetExecutionContext, chroma: ChromaConfigResource, st
             "skipped files": markdown_table(["file", "reason"], [[r.path, r.skip_reason] for r in skipped[:200]]),
             "manifest": MetadataValue.path(str(result.path)),
             "dataset": MetadataValue.path(config.instance_data_dir),
+            "dataset fingerprint": fingerprint.version,
         },
     )
     yield MaterializeResult(

@@ -90,12 +90,19 @@ class ChromaConfig(BaseModel):
     checkpointing_steps: int = Field(500, ge=1)
 
     # --- validation ---------------------------------------------------------------
-    validation_prompt: str | list[str] = "a photo of a cat"
+    validation_prompt: str | list[str] | None = "a photo of a cat"
+    user_prompt_library: str | None = None  # JSON file: {"name": "prompt", ...} or ["prompt", ...]; adds prompts
     validation_negative_prompt: str = ""
     validation_seed: int | list[int] = 42
     validation_guidance_real: float = Field(1.0, ge=1.0)
     validation_num_inference_steps: int = Field(20, ge=1)
     validation_resolution: int | None = Field(None, ge=64)
+    validation_steps: int | None = Field(None, ge=0)  # render the prompts while training; None: at checkpointing_steps, 0: never
+
+    # --- automation ----------------------------------------------------------------
+    retrain_cron: str = "0 3 * * *"  # when `nightly_retrain` looks for dataset changes
+    retrain_timezone: str = "UTC"
+    retrain_schedule_enabled: bool = False  # off until you turn it on here or in the UI (Automation)
 
     @field_validator("validation_resolution")
     @classmethod
@@ -157,9 +164,23 @@ class ChromaConfig(BaseModel):
     def lora_alpha_value(self) -> float:
         return float(self.lora_alpha if self.lora_alpha is not None else self.network_rank)
 
+    @model_validator(mode="after")
+    def _some_validation_prompt(self):
+        if not self.validation_prompts:
+            raise ValueError("no validation prompt: set `validation_prompt` or `user_prompt_library`")
+        return self
+
     @property
     def validation_prompts(self) -> list[str]:
-        return [self.validation_prompt] if isinstance(self.validation_prompt, str) else list(self.validation_prompt)
+        """`validation_prompt` then the library's prompts, each once, in order."""
+        prompts = [self.validation_prompt] if isinstance(self.validation_prompt, str) else list(self.validation_prompt or [])
+        if self.user_prompt_library:
+            prompts += read_prompt_library(Path(self.user_prompt_library))
+        return list(dict.fromkeys(prompts))
+
+    @property
+    def validation_every(self) -> int:
+        return self.checkpointing_steps if self.validation_steps is None else self.validation_steps
 
     @property
     def validation_seeds(self) -> list[int]:
@@ -184,6 +205,20 @@ class ChromaConfig(BaseModel):
         """A short stable hash of the named settings: the part of a cache key a setting owns."""
         values = {key: getattr(self, key) for key in sorted(keys)}
         return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def read_prompt_library(path: Path) -> list[str]:
+    """SimpleTuner's prompt library: a JSON object of name -> prompt, or a plain list of prompts."""
+    if not path.is_file():
+        raise ValueError(f"user_prompt_library {path} is not a file; give a JSON file of name -> prompt")
+    try:
+        library = json5.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ValueError(f"user_prompt_library {path} is not valid JSON: {exc}") from None
+    prompts = list(library.values()) if isinstance(library, dict) else library
+    if not isinstance(prompts, list) or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise ValueError(f'user_prompt_library {path} must be {{"name": "prompt", ...}} or ["prompt", ...], no empty prompt')
+    return prompts
 
 
 def _describe(error: dict[str, Any]) -> str:
@@ -228,8 +263,8 @@ def load_config(path: str | Path, **overrides: Any) -> ChromaConfig:
     # SimpleTuner's config.json writes its keys as command-line flags ("--model_family").
     values = {str(key).removeprefix("--"): value for key, value in values.items()}
     values.update(overrides)
-    for key in ("instance_data_dir", "output_dir"):  # written or defaulted, relative to the file
+    for key in ("instance_data_dir", "output_dir", "user_prompt_library"):  # written or defaulted, relative to the file
         value = values.get(key, ChromaConfig.model_fields[key].default)
-        if isinstance(value, str) and not Path(value).expanduser().is_absolute():
+        if isinstance(value, str) and not Path(value).expanduser().is_absolute():  # (None stays None)
             values[key] = str((path.parent / value).resolve())
     return config_from_dict(values, source=str(path))

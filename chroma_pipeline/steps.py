@@ -28,7 +28,7 @@ TRAINING_KEYS = (
     "seed", "caption_dropout_probability",
 )
 VALIDATION_KEYS = (
-    "validation_prompt", "validation_negative_prompt", "validation_seed", "validation_guidance_real",
+    "validation_prompts", "validation_negative_prompt", "validation_seed", "validation_guidance_real",
     "validation_num_inference_steps", "validation_resolution",
 )
 MODEL_KEYS = ("model_flavour", "pretrained_model_name_or_path", "revision", "mixed_precision")
@@ -48,7 +48,7 @@ STEP_SETTINGS = {
     ),
     "text_embeddings": (
         "output_dir", *MODEL_KEYS, "tokenizer_max_length", "flux_t5_padding", "text_encoder_precision",
-        "validation_prompt", "validation_negative_prompt",
+        "validation_prompts", "validation_negative_prompt",
     ),
     "quantized_base_model": ("output_dir", *MODEL_KEYS, "base_model_precision"),
     "lora_adapter": ("output_dir", *TRAINING_KEYS),
@@ -65,6 +65,16 @@ class Layout:
     @property
     def manifest(self) -> Path:
         return self.root / "dataset" / "manifest.parquet"
+
+    @property
+    def dataset_memo(self) -> Path:
+        """File hashes remembered by stat, so watching the folder does not re-read every image."""
+        return self.root / "dataset" / "file_hashes.json"
+
+    @property
+    def dataset_observed(self) -> Path:
+        """The files as the last recorded observation saw them, to say what changed since."""
+        return self.root / "dataset" / "observed_files.json"
 
     @property
     def latent_dir(self) -> Path:

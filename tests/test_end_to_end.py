@@ -22,18 +22,21 @@ from tests.conftest import write_config
 
 REPO = Path(__file__).resolve().parents[1]
 EDGES = {
-    "raw_dataset/images": set(),
-    "raw_dataset/captions": set(),
+    "dataset_folder": set(),  # observed, never materialized: the user's folder
+    "raw_dataset/images": {"dataset_folder"},
+    "raw_dataset/captions": {"dataset_folder"},
     "image_latents": {"raw_dataset/images"},
     "text_embeddings": {"raw_dataset/captions"},
     "quantized_base_model": set(),
     "lora_adapter": {"image_latents", "text_embeddings", "quantized_base_model"},
     "validation_grid": {"lora_adapter", "quantized_base_model", "text_embeddings"},
 }
+MATERIALIZED = [name for name in EDGES if name != "dataset_folder"]
 
 
 def test_code_location_has_the_six_steps_and_their_lineage(small_project):
-    # Six steps; raw_dataset is one scan with two assets (images, captions) so each branch has its own version.
+    # Six steps; raw_dataset is one scan with two assets (images, captions) so each branch has its own version,
+    # and the folder it scans is an observed source asset, so the UI shows when the folder changed.
     defs = build_definitions(str(small_project))
     graph = defs.resolve_asset_graph()
     keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
@@ -76,7 +79,7 @@ def _materialize(config_path, instance):
 def test_chain_materializes_then_second_run_recomputes_nothing(small_project, work_counter, tmp_path):
     instance = DagsterInstance.ephemeral()
     first = _materialize(small_project, instance)
-    assert set(first) == set(EDGES)
+    assert set(first) == set(MATERIALIZED)
     assert work_counter["vae"] > 0 and work_counter["t5"] > 0
     assert (work_counter["quantize"], work_counter["train"], work_counter["render"]) == (1, 1, 2)  # reloaded, not redone
 
@@ -90,7 +93,7 @@ def test_chain_materializes_then_second_run_recomputes_nothing(small_project, wo
     before = dict(work_counter)
     second = _materialize(small_project, instance)
     assert work_counter == before, "an unchanged dataset must not encode, embed, quantize, train or render again"
-    for name in EDGES:
+    for name in MATERIALIZED:
         assert second[name].tags["dagster/data_version"] == first[name].tags["dagster/data_version"], name
     assert second["lora_adapter"].metadata["retrained"].value is False
 
@@ -163,8 +166,11 @@ def test_dagster_cli_materializes_exactly_six_assets_in_order(small_project, tmp
     )
     assert run.returncode == 0, run.stderr[-3000:]
     instance = DagsterInstance.from_config(str(tmp_path))
-    materialized_at = {}
-    for name in EDGES:
+    # The scan records the folder content it read as an observation of dataset_folder first.
+    observed = instance.fetch_observations(AssetKey("dataset_folder"), limit=10).records
+    assert len(observed) == 1
+    materialized_at = {"dataset_folder": observed[0].storage_id}
+    for name in MATERIALIZED:
         records = instance.fetch_materializations(
             AssetRecordsFilter(asset_key=AssetKey.from_user_string(name)), limit=10
         ).records

@@ -1,0 +1,76 @@
+"""Asset checks, shown under each asset in the UI.
+
+The checks on data and on the base model are blocking: when one fails, the run stops
+before `lora_adapter`, and the automation sensor does not start training on top of
+it until the check passes again. The UI shows the failed check, its description
+(what is wrong and what to do) and the offending files.
+"""
+
+from pathlib import Path
+
+from dagster import AssetCheckExecutionContext, AssetCheckResult, AssetCheckSeverity, AssetKey, MetadataValue, asset_check
+
+from chroma_pipeline import checks
+from chroma_pipeline.checks import CheckOutcome
+from resources import ArtifactStore, ChromaConfigResource, GPUResource
+
+from .image_latents import image_latents
+from .lora_adapter import lora_adapter
+from .quantized_base_model import quantized_base_model
+from .text_embeddings import text_embeddings
+from .validation_grid import validation_grid
+
+
+def _result(outcome: CheckOutcome, severity=AssetCheckSeverity.ERROR) -> AssetCheckResult:
+    metadata = dict(outcome.counts)
+    if outcome.problems:
+        metadata["problems"] = MetadataValue.md("\n".join(f"- {problem}" for problem in outcome.problems))
+    return AssetCheckResult(passed=outcome.passed, description=outcome.description, metadata=metadata, severity=severity)
+
+
+def _latest_path(context: AssetCheckExecutionContext, key: str, label: str) -> str:
+    event = context.instance.get_latest_materialization_event(AssetKey(key))
+    return event.asset_materialization.metadata[label].value
+
+
+@asset_check(asset=image_latents, blocking=True, description="every usable image has a finite latent of its bucket's shape")
+def latents_complete_and_finite(context: AssetCheckExecutionContext, chroma: ChromaConfigResource, store: ArtifactStore):
+    config = chroma.load(context.log)
+    return _result(checks.latents_complete_and_finite(config, store.layout(config)))
+
+
+@asset_check(asset=text_embeddings, blocking=True,
+             description="every embedding keeps its text's tokens plus exactly one padding token open, finite values")
+def masks_keep_one_padding_token(context: AssetCheckExecutionContext, chroma: ChromaConfigResource, store: ArtifactStore):
+    config = chroma.load(context.log)
+    return _result(checks.embeddings_follow_mask_rule(config, store.layout(config)))
+
+
+@asset_check(asset=quantized_base_model, blocking=True, description="the reloaded base model's forward pass is finite")
+def forward_pass_is_finite(
+    context: AssetCheckExecutionContext, chroma: ChromaConfigResource, store: ArtifactStore, gpu: GPUResource
+):
+    config = chroma.load(context.log)
+    return _result(checks.quantized_forward_is_finite(config, store.layout(config), gpu.info()))
+
+
+@asset_check(asset=lora_adapter, blocking=True,
+             description="the adapter loads with diffusers' LoRA loader, every module applies, and the output changes")
+def adapter_changes_output(
+    context: AssetCheckExecutionContext, chroma: ChromaConfigResource, store: ArtifactStore, gpu: GPUResource
+):
+    config = chroma.load(context.log)
+    adapter = Path(_latest_path(context, "lora_adapter", "adapter"))
+    return _result(checks.adapter_changes_output(config, store.layout(config), gpu.info(), adapter))
+
+
+@asset_check(asset=validation_grid, description="no validation image is flat, black or NaN")
+def grid_not_blank(context: AssetCheckExecutionContext):
+    grid_dir = Path(_latest_path(context, "validation_grid", "grid path")).parent
+    return _result(checks.grid_not_blank(grid_dir))
+
+
+ALL_CHECKS = [
+    latents_complete_and_finite, masks_keep_one_padding_token, forward_pass_is_finite, adapter_changes_output,
+    grid_not_blank,
+]

@@ -1,0 +1,177 @@
+"""What must hold before the next step may use an artifact. Dagster shows these as asset checks.
+
+Each check returns a `CheckOutcome`: passed or not, one sentence saying why, and the
+offending items, so a failed check in the UI names the file or prompt to look at.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import models
+from .config import ChromaConfig
+from .dataset import read_manifest, usable
+from .device import DeviceInfo
+from .flow import image_position_ids, pack_latents, predict_velocity
+from .latents import load_latent_entry, read_latent_index
+from .shards import ShardStore
+from .text import load_embedding, read_embedding_index
+
+
+@dataclass
+class CheckOutcome:
+    passed: bool
+    description: str
+    problems: list[str] = field(default_factory=list)  # at most a screenful: "file: what is wrong"
+    counts: dict[str, float] = field(default_factory=dict)
+
+
+def _outcome(problems: list[str], ok: str, bad: str, counts: dict) -> CheckOutcome:
+    if problems:
+        return CheckOutcome(False, bad.format(n=len(problems), first=problems[0]), problems[:50], counts)
+    return CheckOutcome(True, ok, [], counts)
+
+
+def latents_complete_and_finite(config: ChromaConfig, layout) -> CheckOutcome:
+    """Every usable image of the scan has a cached latent of its bucket's shape with finite values."""
+    from .steps import _model_dir, _vae_config
+
+    channels = _vae_config(_model_dir(config, layout))["latent_channels"]
+    scanned = {row.path: row.image_sha256 for row in usable(read_manifest(layout.manifest))}
+    entries = {entry.path: entry for entry in read_latent_index(layout.latent_index)}
+    store = ShardStore(layout.latent_dir)
+    problems = []
+    for path, sha in sorted(scanned.items()):
+        entry = entries.get(path)
+        if entry is None or entry.image_sha256 != sha:
+            problems.append(f"{path}: no latent for the scanned image")
+        elif load_latent_entry(store, entry, channels) is None:
+            problems.append(f"{path}: latent missing, wrong shape or not finite (NaN/inf)")
+    return _outcome(
+        problems, f"all {len(scanned)} usable images have finite latents",
+        "{n} usable images have no usable latent, first: {first}. Re-materialize image_latents; if it persists, "
+        "the VAE produces NaN at this precision (try mixed_precision 'no' or 'bf16').",
+        {"usable images": len(scanned), "bad latents": len(problems)},
+    )
+
+
+def embeddings_follow_mask_rule(config: ChromaConfig, layout) -> CheckOutcome:
+    """Every cached embedding has its mask: the text's tokens plus exactly one padding token open, finite values.
+
+    The tokenizer is cheap, so each text is tokenized again to count its real tokens;
+    a text that fills `tokenizer_max_length` has no padding left to open.
+    """
+    from .steps import _model_dir, _text_width
+
+    model_dir = _model_dir(config, layout)
+    tokenizer = models.load_tokenizer(model_dir)
+    width = _text_width(model_dir)
+    max_length = config.tokenizer_max_length
+    problems, truncated = [], 0
+    entries = read_embedding_index(layout.embedding_index)
+    for entry in entries:
+        name = entry.path or f"{entry.role} prompt {entry.text[:40]!r}"
+        cached = load_embedding(layout.embedding_dir, entry.cache_key, max_length, width)
+        if cached is None:
+            problems.append(f"{name}: embedding missing or corrupt")
+            continue
+        tokens = len(tokenizer(entry.text, max_length=max_length, truncation=True)["input_ids"])
+        expected = min(tokens + 1, max_length)
+        truncated += tokens >= max_length
+        opened = int(cached["attention_mask"].sum())
+        if opened != expected:
+            problems.append(f"{name}: {opened} open mask positions, expected {tokens} tokens + 1 padding = {expected}")
+        elif not torch.isfinite(cached["prompt_embeds"]).all():
+            problems.append(f"{name}: embedding has NaN/inf values")
+    return _outcome(
+        problems, f"all {len(entries)} embeddings keep their tokens plus one padding token",
+        "{n} embeddings break the Chroma mask rule, first: {first}. Re-materialize text_embeddings.",
+        {"embeddings": len(entries), "bad embeddings": len(problems), "truncated texts": truncated},
+    )
+
+
+def _probe_inputs(transformer, dtype, device):
+    """A fixed small input: one 64x64 image's tokens, eight text tokens, sigma 0.5."""
+    generator = torch.Generator().manual_seed(0)
+    channels = transformer.config.in_channels // 4
+    latents = torch.randn(1, channels, 8, 8, generator=generator)
+    text_width = transformer.config.joint_attention_dim
+    prompt_embeds = torch.randn(1, 8, text_width, generator=generator)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0]])
+    return dict(
+        noisy_tokens=pack_latents(latents).to(device, dtype), sigmas=torch.tensor([0.5], device=device),
+        prompt_embeds=prompt_embeds.to(device, dtype), text_mask=mask.to(device), image_ids=image_position_ids(8, 8),
+    )
+
+
+@torch.no_grad()
+def probe_output(transformer, device: DeviceInfo, dtype) -> torch.Tensor:
+    return predict_velocity(transformer, **_probe_inputs(transformer, dtype, device.torch_device)).float().cpu()
+
+
+def quantized_forward_is_finite(config: ChromaConfig, layout, device: DeviceInfo) -> CheckOutcome:
+    """The saved base model, reloaded as training will reload it, gives a finite prediction."""
+    from .steps import _model_dir, load_base_transformer
+
+    transformer = load_base_transformer(config, layout, _model_dir(config, layout), device)
+    output = probe_output(transformer, device, device.compute_dtype(config.mixed_precision))
+    del transformer
+    device.empty_cache()
+    finite = bool(torch.isfinite(output).all())
+    counts = {"output mean abs": float(output.nan_to_num().abs().mean())}
+    if finite:
+        return CheckOutcome(True, f"the reloaded {config.base_model_precision} transformer predicts finite values", [], counts)
+    return CheckOutcome(
+        False,
+        f"the reloaded {config.base_model_precision} transformer predicts NaN/inf: training on it would diverge. "
+        "Try another base_model_precision (int8-quanto is the safest) or mixed_precision 'bf16'.",
+        ["forward pass on a fixed probe input"], counts,
+    )
+
+
+def adapter_changes_output(config: ChromaConfig, layout, device: DeviceInfo, adapter: Path) -> CheckOutcome:
+    """diffusers' LoRA loader applies every key of the adapter, and the prediction moves."""
+    from safetensors import safe_open
+
+    from .steps import _model_dir, load_base_transformer
+
+    with safe_open(adapter, "pt") as file:
+        in_file = sum(1 for key in file.keys() if ".lora_A." in key)
+    dtype = device.compute_dtype(config.mixed_precision)
+    transformer = load_base_transformer(config, layout, _model_dir(config, layout), device)
+    before = probe_output(transformer, device, dtype)
+    transformer.load_lora_adapter(str(adapter), prefix="transformer", adapter_name="check")
+    after = probe_output(transformer, device, dtype)
+    applied = sum(1 for module in transformer.modules() if "check" in getattr(module, "lora_A", {}))
+    del transformer
+    device.empty_cache()
+    change = float((after - before).abs().max())
+    counts = {"max output change": change, "LoRA modules in file": in_file, "LoRA modules applied": applied}
+    if applied != in_file:
+        return CheckOutcome(
+            False, f"diffusers applied {applied} of the {in_file} LoRA modules in {adapter.name}: the other keys "
+            "match no layer of this transformer", [str(adapter)], counts,
+        )
+    if not torch.isfinite(after).all():
+        return CheckOutcome(False, f"{adapter.name} makes the prediction NaN/inf", [str(adapter)], counts)
+    if change == 0.0:
+        return CheckOutcome(
+            False, f"{adapter.name} loads but does not change the transformer's output (its keys match no layer, "
+            "or training left it at zero)", [str(adapter)], counts,
+        )
+    return CheckOutcome(True, f"{adapter.name} loads with diffusers and changes the output by up to {change:.3g}", [], counts)
+
+
+def grid_not_blank(grid_dir: Path) -> CheckOutcome:
+    """No validation image is flat, black or NaN."""
+    summary = json.loads((grid_dir / "grid.json").read_text())
+    problems = summary.get("blank_cells", [])
+    return _outcome(
+        problems, f"all {summary['cells']} validation images have content",
+        "{n} validation images are blank, black or NaN, first: {first}",
+        {"images": summary["cells"], "blank images": len(problems)},
+    )
