@@ -27,6 +27,19 @@ class Unsynced(AutomationCondition):
         return AutomationResult(context, context.candidate_subset if unsynced else context.get_empty_subset())
 
 
+def blocking_checks_passed_or_rerun() -> AutomationCondition:
+    """Every parent's blocking checks passed, or the parent runs again in this run (its checks ride along).
+
+    Dagster's own `all_deps_blocking_checks_passed` waits for the *check* to be requested;
+    checks without a condition of their own ride along with their asset instead, so a
+    caption edit would take two runs (embeddings, then adapter) instead of one.
+    """
+    checks_passed = AutomationCondition.all_checks_match(AutomationCondition.check_passed(), blocking_only=True)
+    return AutomationCondition.all_deps_match(
+        checks_passed | AutomationCondition.will_be_requested()
+    ).with_label("parents' blocking checks passed (or they run again now)")
+
+
 def on_unsynced() -> AutomationCondition:
     """Request an asset when it is unsynced, or when a parent is requested on the same tick.
 
@@ -44,7 +57,7 @@ def on_unsynced() -> AutomationCondition:
     return (
         ((Unsynced() & retry_allowed) | AutomationCondition.any_deps_match(AutomationCondition.will_be_requested()))
         & ~AutomationCondition.any_deps_missing()
-        & AutomationCondition.all_deps_blocking_checks_passed()
+        & blocking_checks_passed_or_rerun()
         & ~AutomationCondition.any_deps_in_progress()
         & ~AutomationCondition.in_progress()
     ).with_label("unsynced (data versions, settings) or missing")

@@ -1,0 +1,131 @@
+"""The folder watcher, the nightly retrain schedule and the blocking checks, tick by tick.
+
+These drive the sensor and schedule definitions the code location declares, with the
+daemon's part (storing a sensor's events, launching a schedule's run) done by the test.
+"""
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+import torch
+from dagster import AssetKey, DagsterInstance, DefaultScheduleStatus, build_schedule_context, build_sensor_context
+from dagster._utils.schedules import cron_string_iterator
+from diffusers import AutoencoderKL
+
+from tests.test_staleness import SCAN, Project
+
+pytestmark = pytest.mark.slow
+
+
+class WatchedProject(Project):
+    def watch(self):
+        """One tick of `dataset_watch`; stores what it reports, as the daemon would."""
+        definitions = self.definitions()
+        sensor = definitions.get_sensor_def("dataset_watch")
+        with build_sensor_context(instance=self.instance, resources=definitions.resources) as context:
+            data = sensor.evaluate_tick(context)
+        for event in data.asset_events:
+            self.instance.report_runless_asset_event(event)
+        assert not data.run_requests, "the watcher records; it never starts a run"
+        return data.asset_events
+
+    def night(self, when: datetime):
+        """The schedule's tick at `when`; runs its request, then lets the automation sensor carry it."""
+        definitions = self.definitions()
+        schedule = definitions.get_schedule_def("nightly_retrain")
+        with build_schedule_context(
+            instance=self.instance, resources=definitions.resources, scheduled_execution_time=when
+        ) as context:
+            data = schedule.evaluate_tick(context)
+        if not data.run_requests:
+            return data.skip_message, set()
+        assert len(data.run_requests) == 1
+        self.materialize(SCAN)  # what the schedule's `dataset_scan` job selects
+        return None, self.run_automation()
+
+
+@pytest.fixture
+def project(small_project, monkeypatch, tmp_path):
+    project = WatchedProject(small_project, monkeypatch)
+    (tmp_path / "dagster_home").mkdir()
+    project.instance = DagsterInstance.local_temp(str(tmp_path / "dagster_home"))  # schedules need a stored instance
+    project.materialize()
+    project.run_automation()
+    project.work.update(images=0, texts=0, quantize=0, train=0)
+    return project
+
+
+def first_caption(config_path: Path) -> Path:
+    return sorted((config_path.parent / "dataset").glob("*.txt"))[0]
+
+
+def test_the_watcher_records_a_content_change_and_starts_nothing(project):
+    assert project.watch() == []  # the scan already recorded what it read
+    caption = first_caption(project.config_path)
+    caption.touch()  # a new mtime, the same bytes: not a change
+    assert project.watch() == []
+
+    caption.write_text("a caption edited in the morning")
+    (event,) = project.watch()
+    assert event.asset_key == AssetKey("dataset_folder")
+    assert event.metadata["changes since last observation"].value == f"1 modified ({caption.name})"
+    # The UI now shows the scan as unsynced, and nothing else: the rest waits for a scan.
+    assert set(project.unsynced()) == SCAN
+    assert project.tick() == set()
+    assert project.watch() == [], "a change is recorded once"
+    assert project.work == {"images": 0, "texts": 0, "quantize": 0, "train": 0}
+
+
+def test_the_schedule_is_off_until_turned_on(project):
+    assert project.definitions().get_schedule_def("nightly_retrain").default_status == DefaultScheduleStatus.STOPPED
+    project.set(retrain_schedule_enabled=True, retrain_cron="30 2 * * 1-5", retrain_timezone="Europe/Madrid")
+    schedule = project.definitions().get_schedule_def("nightly_retrain")
+    assert schedule.default_status == DefaultScheduleStatus.RUNNING
+    assert (schedule.cron_schedule, schedule.execution_timezone) == ("30 2 * * 1-5", "Europe/Madrid")
+
+
+def test_two_nights_a_quiet_one_costs_nothing_and_a_caption_edit_costs_one_caption(project):
+    ticks = cron_string_iterator(datetime(2026, 12, 1, tzinfo=timezone.utc).timestamp(), "0 3 * * *", "UTC")
+    first_night, second_night = next(ticks), next(ticks)
+    assert (first_night.hour, (second_night - first_night).days) == (3, 1)
+
+    skip, ran = project.night(first_night)
+    assert "has not changed since the last scan" in skip
+    assert ran == set() and project.work == {"images": 0, "texts": 0, "quantize": 0, "train": 0}
+
+    first_caption(project.config_path).write_text("a caption edited during the day")
+    skip, ran = project.night(second_night)
+    assert skip is None
+    assert ran == {"text_embeddings", "lora_adapter", "validation_grid"}
+    assert project.work == {"images": 0, "texts": 1, "quantize": 0, "train": 1}
+    assert project.unsynced() == {}
+
+
+def test_a_failing_blocking_check_stops_training_and_says_which_and_why(project, monkeypatch):
+    encode = AutoencoderKL.encode
+
+    def nan_latents(vae, pixels, *args, **kwargs):  # what an fp16 VAE overflow looks like
+        output = encode(vae, pixels, *args, **kwargs)
+        output.latent_dist.mean = torch.full_like(output.latent_dist.mean, float("nan"))
+        return output
+
+    monkeypatch.setattr(AutoencoderKL, "encode", nan_latents)
+    project.set(crop_style="corner")  # every latent must be encoded again, now as NaN
+    result = project.materialize(must_succeed=False)
+
+    (evaluation,) = [e for e in result.get_asset_check_evaluations() if e.check_name == "latents_complete_and_finite"]
+    assert not evaluation.passed
+    assert "9 usable images have no usable latent" in evaluation.description
+    assert "not finite" in evaluation.description
+    assert "Re-materialize image_latents" in evaluation.description
+    materialized = {event.asset_key.to_user_string() for event in result.get_asset_materialization_events()}
+    assert "image_latents" in materialized and "lora_adapter" not in materialized
+    assert project.work["train"] == 0
+    # The automation sensor does not train on top of it either, until the check passes.
+    assert "lora_adapter" not in project.tick()
+
+    monkeypatch.setattr(AutoencoderKL, "encode", encode)
+    project.materialize({"image_latents"})
+    assert project.run_automation() == {"lora_adapter", "validation_grid"}
+    assert project.work["train"] == 1
