@@ -30,6 +30,13 @@ def lora_adapter(
         "adapter": MetadataValue.path(str(result.path)),
         **{f"gpu: {name}": value for name, value in gpu.describe().items()},
     }
+    strips = sorted(result.path.parent.glob("progress/step_*.png"))
+    if strips:
+        from PIL import Image
+
+        from chroma_pipeline.grid import stack
+
+        metadata["progress"] = image_markdown(stack([Image.open(p).convert("RGB") for p in strips]), "progress")
     if not result.stats["reused"]:
         metadata.update({
             "trainable parameters": result.stats["trainable_parameters"],

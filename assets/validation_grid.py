@@ -18,11 +18,13 @@ def validation_grid(
     config = load_config_for(context, chroma, "validation_grid")
     result = build_grid(config, store.layout(config), gpu.info(), log=context.log.info)
     for cell in result.stats["blank_cells"]:
-        context.log.warning(f"blank or black validation image: {cell}")
+        context.log.warning(f"unusable validation image: {cell}")
+    progress = result.path.parent / "progress.png"
     return MaterializeResult(
         data_version=DataVersion(result.data_version),
         metadata={
             "grid": image_markdown(result.path, "validation grid"),
+            **({"progress during training": image_markdown(progress, "progress")} if progress.is_file() else {}),
             "grid path": MetadataValue.path(str(result.path)),
             "images": result.stats["cells"],
             "re-rendered": not result.stats["reused"],

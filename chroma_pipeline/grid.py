@@ -20,13 +20,25 @@ LABEL_HEIGHT = 28
 class Cell:
     prompt: str
     seed: int
-    variant: str  # "base" or "lora"
+    variant: str  # "base", "lora" or "step N"
     image: Image.Image
+    non_finite: bool = False  # the decoded image had NaN/inf before it became 8-bit pixels
 
     @property
-    def is_blank(self) -> bool:
+    def problem(self) -> str | None:
+        """Why this image is useless to judge an adapter by, or None."""
+        if self.non_finite:
+            return "NaN/inf values"
         pixels = np.asarray(self.image, dtype=np.float32)
-        return bool(pixels.std() < 1.0 or pixels.max() < 8.0)
+        if pixels.max() < 8.0:
+            return "all black"
+        if pixels.std() < 1.0:
+            return "blank (one flat colour)"
+        return None
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant} / {self.prompt[:30]} / seed {self.seed}"
 
 
 def make_pipeline(transformer, vae, scheduler):
@@ -54,8 +66,11 @@ def render(pipe, variant, prompts, embeddings, negative, seeds, guidance, steps,
                 height=size,
                 width=size,
                 generator=torch.Generator("cpu").manual_seed(seed),
+                output_type="np",  # floats, so NaN is still visible; 8-bit pixels would turn it black
             ).images[0]
-            cells.append(Cell(prompt, seed, variant, image))
+            non_finite = not np.isfinite(image).all()
+            pixels = (np.nan_to_num(image, nan=0.0).clip(0, 1) * 255).round().astype(np.uint8)
+            cells.append(Cell(prompt, seed, variant, Image.fromarray(pixels), non_finite))
     return cells
 
 
@@ -76,6 +91,31 @@ def assemble_grid(cells: list[Cell], prompts: list[str], seeds: list[int], guida
             draw.text((x + 3, y + 2), excerpt, fill="black", font=font)
             draw.text((x + 3, y + 14), f"{variant} seed {seed} cfg {guidance:g} {steps} steps", fill="dimgray", font=font)
     return grid
+
+
+def progress_strip(cells: list[Cell], step: int) -> Image.Image:
+    """One row, the LoRA at `step` on every prompt and seed, labelled with the step."""
+    width, height = cells[0].image.size
+    strip = Image.new("RGB", (width * len(cells), height + LABEL_HEIGHT), "white")
+    draw = ImageDraw.Draw(strip)
+    font = ImageFont.load_default(size=10)
+    for column, cell in enumerate(cells):
+        strip.paste(cell.image, (column * width, LABEL_HEIGHT))
+        excerpt = cell.prompt if len(cell.prompt) <= 40 else cell.prompt[:37] + "..."
+        draw.text((column * width + 3, 2), f"step {step}", fill="black", font=font)
+        draw.text((column * width + 3, 14), f"{excerpt} / seed {cell.seed}", fill="dimgray", font=font)
+    return strip
+
+
+def stack(strips: list[Image.Image]) -> Image.Image:
+    """Strips one under the other: the adapter's progress from the first checkpoint to the last."""
+    width = max(strip.width for strip in strips)
+    sheet = Image.new("RGB", (width, sum(strip.height for strip in strips)), "white")
+    y = 0
+    for strip in strips:
+        sheet.paste(strip, (0, y))
+        y += strip.height
+    return sheet
 
 
 def adapter_is_active(transformer) -> bool:

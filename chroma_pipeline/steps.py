@@ -339,6 +339,7 @@ def build_adapter(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=
         config, transformer, samples, empty_key, layout.latent_dir, layout.embedding_dir,
         vae_config=_vae_config(model_dir), text_width=_text_width(model_dir), output_dir=folder,
         device=device.torch_device, dtype=device.compute_dtype(config.mixed_precision), log=log,
+        render_progress=_progress_renderer(config, layout, model_dir, device, log),
     )
     stats = {
         "steps": result.steps, "losses": result.losses, "seconds": result.seconds,
@@ -348,11 +349,61 @@ def build_adapter(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=
     return StepResult(key, adapter, stats)
 
 
+def _progress_renderer(config: ChromaConfig, layout: Layout, model_dir: Path, device: DeviceInfo, log):
+    """Renders the validation prompts with the LoRA being trained; the VAE loads at the first render."""
+    from .grid import make_pipeline, progress_strip, render
+
+    if not config.validation_every or config.validation_every > config.max_train_steps:
+        return None
+    try:
+        prompts, embeddings, negative = validation_embeddings(config, layout, model_dir)
+    except RuntimeError as exc:
+        log(f"no progress renders during training: {exc}")
+        return None
+    pipes = {}
+
+    def render_at(transformer, step: int):
+        if "pipe" not in pipes:
+            vae = models.load_vae(model_dir, device.compute_dtype(config.mixed_precision)).to(device.torch_device)
+            pipes["pipe"] = make_pipeline(transformer, vae, models.load_scheduler(model_dir))
+            pipes["pipe"].set_progress_bar_config(disable=True)
+        log(f"step {step}: rendering {len(prompts)} validation prompts x {len(config.validation_seeds)} seeds")
+        cells = render(
+            pipes["pipe"], f"step {step}", prompts=prompts, embeddings=embeddings, negative=negative,
+            seeds=config.validation_seeds, guidance=config.validation_guidance_real,
+            steps=config.validation_num_inference_steps, size=config.validation_size, device=device.torch_device,
+        )
+        return progress_strip(cells, step)
+
+    return render_at
+
+
 # --- validation_grid -----------------------------------------------------------------
 
 
+def validation_embeddings(config: ChromaConfig, layout: Layout, model_dir: Path):
+    """(prompts, {prompt: (embeds, mask)}, negative (embeds, mask)) from the text cache; T5 is never loaded."""
+    texts = {(e.role, e.text): e.cache_key for e in read_embedding_index(layout.embedding_index)}
+    width = _text_width(model_dir)
+
+    def cached(role: str, text: str):
+        if (role, text) not in texts:
+            raise RuntimeError(f"the {role} prompt {text!r} has no cached embedding: re-materialize text_embeddings")
+        entry = load_embedding(layout.embedding_dir, texts[(role, text)], config.tokenizer_max_length, width)
+        if entry is None:
+            raise RuntimeError(f"the {role} prompt {text!r}: cached embedding missing or corrupt; re-materialize text_embeddings")
+        return entry["prompt_embeds"], entry["attention_mask"]
+
+    prompts = config.validation_prompts
+    embeddings = {prompt: cached("validation", prompt) for prompt in prompts}
+    return prompts, embeddings, cached("negative", config.validation_negative_prompt)
+
+
+
 def build_grid(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=print) -> StepResult:
-    from .grid import adapter_is_active, assemble_grid, make_pipeline, render
+    from PIL import Image
+
+    from .grid import adapter_is_active, assemble_grid, make_pipeline, render, stack
 
     model_dir = _model_dir(config, layout)
     key_adapter = adapter_key(config, model_dir, device, *training_samples(layout))
@@ -360,13 +411,10 @@ def build_grid(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=pri
     if not adapter.is_file():
         raise FileNotFoundError(f"no adapter for the current data and settings at {adapter}: materialize lora_adapter first")
 
+    prompts, embeddings, negative = validation_embeddings(config, layout, model_dir)
     texts = {(e.role, e.text): e.cache_key for e in read_embedding_index(layout.embedding_index)}
-    wanted = [("validation", prompt) for prompt in config.validation_prompts]
-    wanted.append(("negative", config.validation_negative_prompt))
-    for role, text in wanted:
-        if (role, text) not in texts:
-            raise RuntimeError(f"the {role} prompt {text!r} has no cached embedding: re-materialize text_embeddings")
-    key = combine_hashes(key_adapter, config.settings_hash(*VALIDATION_KEYS), *(texts[w] for w in wanted))
+    prompt_keys = [texts[("validation", p)] for p in prompts] + [texts[("negative", config.validation_negative_prompt)]]
+    key = combine_hashes(key_adapter, config.settings_hash(*VALIDATION_KEYS), *prompt_keys)
     folder = layout.grid_dir(key)
     grid_path = folder / "grid.png"
     if grid_path.is_file() and (folder / "grid.json").is_file():
@@ -375,18 +423,6 @@ def build_grid(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=pri
         return StepResult(key, grid_path, {**summary, "reused": True})
 
     dtype = device.compute_dtype(config.mixed_precision)
-    width = _text_width(model_dir)
-
-    def cached(role: str, text: str):
-        entry = load_embedding(layout.embedding_dir, texts[(role, text)], config.tokenizer_max_length, width)
-        if entry is None:
-            raise RuntimeError(f"the {role} prompt {text!r}: cached embedding missing or corrupt; re-materialize text_embeddings")
-        return entry["prompt_embeds"], entry["attention_mask"]
-
-    prompts = config.validation_prompts
-    embeddings = {prompt: cached("validation", prompt) for prompt in prompts}
-    negative = cached("negative", config.validation_negative_prompt)
-
     transformer = load_base_transformer(config, layout, model_dir, device)
     vae = models.load_vae(model_dir, dtype).to(device.torch_device)
     pipe = make_pipeline(transformer, vae, models.load_scheduler(model_dir))
@@ -409,11 +445,15 @@ def build_grid(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=pri
 
     grid = assemble_grid(cells, prompts, config.validation_seeds, config.validation_guidance_real,
                          config.validation_num_inference_steps)
-    blank = [f"{c.variant} / {c.prompt[:30]} / seed {c.seed}" for c in cells if c.is_blank]
-    summary = {"cells": len(cells), "blank_cells": blank, "adapter": str(adapter)}
+    blank = [f"{c.name}: {c.problem}" for c in cells if c.problem]
+    # The renders made while training, one strip per `validation_steps`, oldest first.
+    strips = [Image.open(path).convert("RGB") for path in sorted(adapter.parent.glob("progress/step_*.png"))]
+    summary = {"cells": len(cells), "blank_cells": blank, "adapter": str(adapter), "progress_strips": len(strips)}
     with atomic_dir(folder) as staging:
         for cell in cells:
             cell.image.save(staging / f"{cell.variant}-p{prompts.index(cell.prompt)}-s{cell.seed}.png")
         grid.save(staging / "grid.png", format="PNG")
+        if strips:
+            stack(strips).save(staging / "progress.png", format="PNG")
         write_json_atomic(staging / "grid.json", summary)
     return StepResult(key, grid_path, {**summary, "reused": False})

@@ -97,8 +97,13 @@ def train_lora(
     dtype: torch.dtype,
     log=print,
     log_every: int = 10,
+    render_progress=None,
 ) -> TrainingResult:
-    """Train a LoRA on `transformer` (quantized or not) and write it to `output_dir` atomically."""
+    """Train a LoRA on `transformer` (quantized or not) and write it to `output_dir` atomically.
+
+    `render_progress(transformer, step)`, when given, is called every `validation_steps`
+    and returns a picture of the validation prompts at that step (saved under progress/).
+    """
     from diffusers.optimization import get_scheduler
 
     if not samples:
@@ -134,6 +139,7 @@ def train_lora(
         raise RuntimeError("the empty-caption embedding (for caption dropout) is missing: re-materialize text_embeddings")
 
     losses: list[float] = []
+    progress = {}
     started = time.perf_counter()
     for step in range(1, config.max_train_steps + 1):
         step_loss = 0.0
@@ -177,12 +183,20 @@ def train_lora(
                 f"step {step}/{config.max_train_steps} loss {step_loss:.4f} lr {lr_scheduler.get_last_lr()[0]:.2e} "
                 f"{rate:.2f} steps/s ETA {(config.max_train_steps - step) / rate:.0f}s"
             )
+        if render_progress is not None and config.validation_every and step % config.validation_every == 0:
+            transformer.eval()
+            with torch.no_grad():
+                progress[step] = render_progress(transformer, step)
+            transformer.train()
 
     transformer.eval()
     output_dir = Path(output_dir)
     with atomic_dir(output_dir) as staging:
         save_adapter(transformer, staging)
         (staging / "loss_history.json").write_text(json.dumps(losses))
+        for step, picture in progress.items():
+            (staging / "progress").mkdir(exist_ok=True)
+            picture.save(staging / "progress" / f"step_{step:06d}.png")
     return TrainingResult(
         adapter_path=output_dir / "pytorch_lora_weights.safetensors",
         losses=losses,
