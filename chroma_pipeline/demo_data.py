@@ -94,6 +94,7 @@ def demo_config(dataset_dir: Path, output_dir: Path) -> dict:
         "validation_seed": [1, 2],
         "validation_guidance_real": 1.0,
         "validation_num_inference_steps": 20,
+        "validation_steps": 40,  # a progress strip at steps 40, 80 and 120
         "seed": 42,
     }
 

@@ -6,6 +6,7 @@ with that reason, except in CI, where it must run. Screenshots land in
 `test-artifacts/ui/` (or $CHROMA_TEST_ARTIFACTS); the README shows two of them.
 """
 
+import contextlib
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -65,17 +67,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def dagster_dev(small_project, tmp_path):
-    """`dagster dev` on 127.0.0.1 with its own DAGSTER_HOME; yields the UI's address."""
+def _dagster_home(tmp_path: Path) -> Path:
     home = tmp_path / "dagster_home"
-    home.mkdir()
+    home.mkdir(exist_ok=True)
     # One run at a time, as on a one-GPU machine: the automation sensor may start a run too.
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\nrun_queue:\n  max_concurrent_runs: 1\n")
+    return home
+
+
+@contextlib.contextmanager
+def serve(home: Path, config: Path, log_path: Path):
+    """`dagster dev` on 127.0.0.1 with its own DAGSTER_HOME; yields the UI's address."""
     port = _free_port()
-    env = {**os.environ, "DAGSTER_HOME": str(home), "CHROMA_CONFIG": str(small_project), "CHROMA_DEVICE": "cpu",
+    env = {**os.environ, "DAGSTER_HOME": str(home), "CHROMA_CONFIG": str(config), "CHROMA_DEVICE": "cpu",
            "HF_HUB_OFFLINE": "1"}
-    log = open(tmp_path / "dagster-dev.log", "w")
+    log = open(log_path, "w")
     server = subprocess.Popen(
         [sys.executable, "-m", "dagster", "dev", "-h", "127.0.0.1", "-p", str(port), "-w", str(REPO / "workspace.yaml")],
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -87,7 +93,7 @@ def dagster_dev(small_project, tmp_path):
                 urllib.request.urlopen(f"{url}/server_info", timeout=2)
                 break
             except OSError:
-                assert server.poll() is None, (tmp_path / "dagster-dev.log").read_text()[-3000:]
+                assert server.poll() is None, log_path.read_text()[-3000:]
                 time.sleep(1)
         yield url
     finally:
@@ -97,7 +103,14 @@ def dagster_dev(small_project, tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
         log.close()
-        shutil.copy(tmp_path / "dagster-dev.log", ARTIFACTS / "dagster-dev.log") if ARTIFACTS.is_dir() else None
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        shutil.copy(log_path, ARTIFACTS / log_path.name)
+
+
+@pytest.fixture
+def dagster_dev(small_project, tmp_path):
+    with serve(_dagster_home(tmp_path), small_project, tmp_path / "dagster-dev.log") as url:
+        yield url
 
 
 def _dismiss_welcome(page):
@@ -152,3 +165,41 @@ def test_materialize_the_chain_from_the_ui_and_see_the_grid(browser, dagster_dev
     width, height = grid.evaluate("img => [img.naturalWidth, img.naturalHeight]")
     assert width >= 256 and height >= 256
     page.screenshot(path=ARTIFACTS / "validation-grid.png")
+
+
+def test_a_failed_blocking_check_is_shown_with_its_reason_and_training_did_not_run(browser, small_project, tmp_path,
+                                                                                   monkeypatch):
+    from dagster import DagsterInstance
+    from diffusers import AutoencoderKL
+
+    from assets.definitions import materialize_chain
+
+    # A run whose VAE returns NaN (as an fp16 overflow does), recorded in the instance the UI will show.
+    encode = AutoencoderKL.encode
+
+    def nan_latents(vae, pixels, *args, **kwargs):
+        output = encode(vae, pixels, *args, **kwargs)
+        output.latent_dist.mean = torch.full_like(output.latent_dist.mean, float("nan"))
+        return output
+
+    monkeypatch.setattr(AutoencoderKL, "encode", nan_latents)
+    home = _dagster_home(tmp_path)
+    with DagsterInstance.from_config(str(home)) as instance:
+        result = materialize_chain(str(small_project), instance, device="cpu", raise_on_error=False)
+    assert not result.success
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with serve(home, small_project, tmp_path / "dagster-dev-failed-check.log") as url:
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        page.goto(f"{url}/assets/image_latents?view=checks", timeout=120_000)
+        _dismiss_welcome(page)
+        page.get_by_text("latents_complete_and_finite").first.wait_for(timeout=120_000)
+        page.get_by_text(re.compile("9 usable images have no usable latent")).first.wait_for(timeout=60_000)
+        page.screenshot(path=ARTIFACTS / "failed-check.png")
+
+        # The run: the check failed, and training never started.
+        page.goto(f"{url}/runs/{result.run_id}", timeout=60_000)
+        page.get_by_text(
+            "Dependencies for step lora_adapter failed: ['image_latents_latents_complete_and_finite']. Not executing."
+        ).wait_for(timeout=60_000)
+        page.screenshot(path=ARTIFACTS / "failed-check-run.png")
