@@ -25,6 +25,7 @@ from dagster import (
     map_asset_specs,
 )
 from dagster._utils.schedules import is_valid_cron_string
+from dagster._utils.warnings import BetaWarning
 
 from chroma_pipeline.config import ChromaConfig, ConfigError, load_config
 from resources import ArtifactStore, ChromaConfigResource, GPUResource
@@ -90,14 +91,16 @@ def build_definitions(config_path: str | None = None, device: str | None = None)
         config = load_config(resources["chroma"].config_path)
     if not is_valid_cron_string(config.retrain_cron):
         raise ConfigError(f"`retrain_cron` = {config.retrain_cron!r} is not a cron string; e.g. '0 3 * * *' (03:00 daily)")
-    automation = AutomationConditionSensorDefinition(
-        "chroma_automation",
-        target=AssetSelection.all(),
-        default_status=DefaultSensorStatus.RUNNING,  # Dagster's own default sensor starts stopped
-        minimum_interval_seconds=30,
-        use_user_code_server=True,  # our condition asks Dagster's stale-status resolver, in user code
-        description="re-materializes what Dagster shows as unsynced or missing, and nothing else",
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BetaWarning)  # use_user_code_server is beta; chosen knowingly
+        automation = AutomationConditionSensorDefinition(
+            "chroma_automation",
+            target=AssetSelection.all(),
+            default_status=DefaultSensorStatus.RUNNING,  # Dagster's own default sensor starts stopped
+            minimum_interval_seconds=30,
+            use_user_code_server=True,  # our condition asks Dagster's stale-status resolver, in user code
+            description="re-materializes what Dagster shows as unsynced or missing, and nothing else",
+        )
     # One process for the whole run: the VAE, T5 and the transformer must not be loaded side
     # by side by parallel steps, and every step runs on the same accelerator anyway.
     return Definitions(

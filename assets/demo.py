@@ -24,7 +24,12 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.root).resolve()
     config_path = write_demo(root, count=args.images)
     os.environ.setdefault("DAGSTER_HOME", str(root / ".dagster"))
-    Path(os.environ["DAGSTER_HOME"]).mkdir(parents=True, exist_ok=True)
+    home = Path(os.environ["DAGSTER_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "dagster.yaml").exists():
+        # One run at a time: a run you launch and one the automation sensor launches must not
+        # share one accelerator (or the CPU) side by side.
+        (home / "dagster.yaml").write_text("run_queue:\n  max_concurrent_runs: 1\n")
 
     from dagster import DagsterInstance
 

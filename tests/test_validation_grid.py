@@ -103,7 +103,7 @@ def test_prompt_library_adds_prompts_and_its_content_is_a_setting(small_project)
 
 
 @pytest.mark.slow
-def test_grid_is_reproducible_labelled_stored_and_shows_training_progress(small_project):
+def test_grid_is_reproducible_labelled_stored_and_shows_training_progress(small_project, monkeypatch):
     values = json.loads(small_project.read_text())
     values.update(validation_seed=[7, 8], validation_steps=6, max_train_steps=12)
     write_config(small_project, values)
@@ -127,9 +127,15 @@ def test_grid_is_reproducible_labelled_stored_and_shows_training_progress(small_
     assert Image.open(folder / "progress.png").height == 2 * (cell.height + 28)
     assert grid_meta["progress during training"].value.startswith("![progress](data:image/png;base64,")
 
-    # The same seeds give the same grid: render again from scratch and compare pixels.
+    # The same seeds give the same grid: render again from scratch and compare pixels,
+    # with the prompt embeddings from the cache (T5 must not even load).
     first = np.asarray(grid)
     shutil.rmtree(folder)
+
+    def no_text_encoder(*args, **kwargs):
+        raise AssertionError("the grid loaded T5")
+
+    monkeypatch.setattr(models, "load_text_encoder", no_text_encoder)
     config = load_config(small_project)
     again = build_grid(config, Layout(Path(config.output_dir)), detect_device("cpu"))
     assert again.path == grid_path
