@@ -27,17 +27,18 @@ class Unsynced(AutomationCondition):
         return AutomationResult(context, context.candidate_subset if unsynced else context.get_empty_subset())
 
 
-def blocking_checks_passed_or_rerun() -> AutomationCondition:
-    """Every parent's blocking checks passed, or the parent runs again in this run (its checks ride along).
+def no_failed_blocking_check_upstream() -> AutomationCondition:
+    """No parent's blocking check failed on its latest materialization, unless the parent runs again now.
 
-    Dagster's own `all_deps_blocking_checks_passed` waits for the *check* to be requested;
-    checks without a condition of their own ride along with their asset instead, so a
-    caption edit would take two runs (embeddings, then adapter) instead of one.
+    Dagster's own `all_deps_blocking_checks_passed` waits for a *passed* result: it would
+    wait forever on materializations made before a check existed, and it needs the check
+    itself requested, while our checks ride along with their asset (so a caption edit is
+    one run, not two). A recorded failure is what must stop training.
     """
-    checks_passed = AutomationCondition.all_checks_match(AutomationCondition.check_passed(), blocking_only=True)
+    no_failed = ~AutomationCondition.any_checks_match(AutomationCondition.check_failed(), blocking_only=True)
     return AutomationCondition.all_deps_match(
-        checks_passed | AutomationCondition.will_be_requested()
-    ).with_label("parents' blocking checks passed (or they run again now)")
+        no_failed | AutomationCondition.will_be_requested()
+    ).with_label("no failed blocking check upstream (or the parent runs again now)")
 
 
 def on_unsynced() -> AutomationCondition:
@@ -57,7 +58,7 @@ def on_unsynced() -> AutomationCondition:
     return (
         ((Unsynced() & retry_allowed) | AutomationCondition.any_deps_match(AutomationCondition.will_be_requested()))
         & ~AutomationCondition.any_deps_missing()
-        & blocking_checks_passed_or_rerun()
+        & no_failed_blocking_check_upstream()
         & ~AutomationCondition.any_deps_in_progress()
         & ~AutomationCondition.in_progress()
     ).with_label("unsynced (data versions, settings) or missing")

@@ -28,9 +28,16 @@ def _result(outcome: CheckOutcome, severity=AssetCheckSeverity.ERROR) -> AssetCh
     return AssetCheckResult(passed=outcome.passed, description=outcome.description, metadata=metadata, severity=severity)
 
 
-def _latest_path(context: AssetCheckExecutionContext, key: str, label: str) -> str:
+def _latest_path(context: AssetCheckExecutionContext, key: str, label: str) -> Path | None:
+    """The artifact the asset's latest materialization wrote, if it recorded one that still exists."""
     event = context.instance.get_latest_materialization_event(AssetKey(key))
-    return event.asset_materialization.metadata[label].value
+    entry = event.asset_materialization.metadata.get(label) if event and event.asset_materialization else None
+    path = Path(entry.value) if entry is not None else None
+    return path if path is not None and path.exists() else None
+
+
+def _nothing_to_check(key: str) -> AssetCheckResult:
+    return AssetCheckResult(passed=False, description=f"no {key} artifact on disk to check: materialize {key} first")
 
 
 @asset_check(asset=image_latents, blocking=True, description="every usable image has a finite latent of its bucket's shape")
@@ -60,14 +67,18 @@ def adapter_changes_output(
     context: AssetCheckExecutionContext, chroma: ChromaConfigResource, store: ArtifactStore, gpu: GPUResource
 ):
     config = chroma.load(context.log)
-    adapter = Path(_latest_path(context, "lora_adapter", "adapter"))
+    adapter = _latest_path(context, "lora_adapter", "adapter")
+    if adapter is None:
+        return _nothing_to_check("lora_adapter")
     return _result(checks.adapter_changes_output(config, store.layout(config), gpu.info(), adapter))
 
 
 @asset_check(asset=validation_grid, description="no validation image is flat, black or NaN")
 def grid_not_blank(context: AssetCheckExecutionContext):
-    grid_dir = Path(_latest_path(context, "validation_grid", "grid path")).parent
-    return _result(checks.grid_not_blank(grid_dir))
+    grid = _latest_path(context, "validation_grid", "grid path")
+    if grid is None or not (grid.parent / "grid.json").is_file():
+        return _nothing_to_check("validation_grid")
+    return _result(checks.grid_not_blank(grid.parent))
 
 
 ALL_CHECKS = [

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from dagster import (
     AssetKey,
@@ -75,9 +76,12 @@ def chain_jobs() -> list:
         ),
         define_asset_job(
             "retrain_from_caches", AssetSelection.assets(lora, grid),
-            description="train again on the cached latents, embeddings and base model, then render the grid",
+            description="train on the cached latents, embeddings and base model (reused if nothing changed), then the grid",
         ),
-        define_asset_job("validation_only", AssetSelection.assets(grid), description="render the grid of the current adapter"),
+        define_asset_job(
+            "validation_only", AssetSelection.assets(AssetKey("text_embeddings"), grid),
+            description="render the grid of the current adapter (prompt embeddings first: a new prompt needs one)",
+        ),
         dataset_scan,
     ]
 
@@ -91,6 +95,12 @@ def build_definitions(config_path: str | None = None, device: str | None = None)
         config = load_config(resources["chroma"].config_path)
     if not is_valid_cron_string(config.retrain_cron):
         raise ConfigError(f"`retrain_cron` = {config.retrain_cron!r} is not a cron string; e.g. '0 3 * * *' (03:00 daily)")
+    try:
+        ZoneInfo(config.retrain_timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(
+            f"`retrain_timezone` = {config.retrain_timezone!r} is not a time zone; e.g. 'UTC' or 'Europe/Madrid'"
+        ) from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", BetaWarning)  # use_user_code_server is beta; chosen knowingly
         automation = AutomationConditionSensorDefinition(

@@ -7,7 +7,7 @@ offending items, so a failed check in the UI names the file or prompt to look at
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,6 +19,7 @@ from .device import DeviceInfo
 from .flow import image_position_ids, pack_latents, predict_velocity
 from .latents import load_latent_entry, read_latent_index
 from .shards import ShardStore
+from .storage import write_json_atomic
 from .text import load_embedding, read_embedding_index
 
 
@@ -28,6 +29,18 @@ class CheckOutcome:
     description: str
     problems: list[str] = field(default_factory=list)  # at most a screenful: "file: what is wrong"
     counts: dict[str, float] = field(default_factory=dict)
+
+
+def remembered(path: Path, compute) -> CheckOutcome:
+    """A check of an immutable artifact (keyed by content) is computed once; a re-run reads the answer."""
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        saved["description"] += " (checked before for this exact artifact)"
+        return CheckOutcome(**saved)
+    outcome = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, asdict(outcome))
+    return outcome
 
 
 def _outcome(problems: list[str], ok: str, bad: str, counts: dict) -> CheckOutcome:
@@ -76,8 +89,8 @@ def embeddings_follow_mask_rule(config: ChromaConfig, layout) -> CheckOutcome:
     for entry in entries:
         name = entry.path or f"{entry.role} prompt {entry.text[:40]!r}"
         cached = load_embedding(layout.embedding_dir, entry.cache_key, max_length, width)
-        if cached is None:
-            problems.append(f"{name}: embedding missing or corrupt")
+        if cached is None:  # the reader refuses a truncated file, a wrong shape and NaN/inf alike
+            problems.append(f"{name}: embedding missing, corrupt or not finite (NaN/inf)")
             continue
         tokens = len(tokenizer(entry.text, max_length=max_length, truncation=True)["input_ids"])
         expected = min(tokens + 1, max_length)
@@ -85,8 +98,6 @@ def embeddings_follow_mask_rule(config: ChromaConfig, layout) -> CheckOutcome:
         opened = int(cached["attention_mask"].sum())
         if opened != expected:
             problems.append(f"{name}: {opened} open mask positions, expected {tokens} tokens + 1 padding = {expected}")
-        elif not torch.isfinite(cached["prompt_embeds"]).all():
-            problems.append(f"{name}: embedding has NaN/inf values")
     return _outcome(
         problems, f"all {len(entries)} embeddings keep their tokens plus one padding token",
         "{n} embeddings break the Chroma mask rule, first: {first}. Re-materialize text_embeddings.",
@@ -115,6 +126,16 @@ def probe_output(transformer, device: DeviceInfo, dtype) -> torch.Tensor:
 
 def quantized_forward_is_finite(config: ChromaConfig, layout, device: DeviceInfo) -> CheckOutcome:
     """The saved base model, reloaded as training will reload it, gives a finite prediction."""
+    from .steps import _model_dir, quantized_key, resolve_precision
+
+    model_dir = _model_dir(config, layout)
+    precision, _reason = resolve_precision(config, layout, model_dir, device)
+    key = quantized_key(config, model_dir, device, precision)
+    return remembered(layout.root / "checks" / f"forward-{key}.json",
+                      lambda: _forward_is_finite(config, layout, device, precision))
+
+
+def _forward_is_finite(config: ChromaConfig, layout, device: DeviceInfo, precision: str) -> CheckOutcome:
     from .steps import _model_dir, load_base_transformer
 
     transformer = load_base_transformer(config, layout, _model_dir(config, layout), device)
@@ -124,10 +145,10 @@ def quantized_forward_is_finite(config: ChromaConfig, layout, device: DeviceInfo
     finite = bool(torch.isfinite(output).all())
     counts = {"output mean abs": float(output.nan_to_num().abs().mean())}
     if finite:
-        return CheckOutcome(True, f"the reloaded {config.base_model_precision} transformer predicts finite values", [], counts)
+        return CheckOutcome(True, f"the reloaded {precision} transformer predicts finite values", [], counts)
     return CheckOutcome(
         False,
-        f"the reloaded {config.base_model_precision} transformer predicts NaN/inf: training on it would diverge. "
+        f"the reloaded {precision} transformer predicts NaN/inf: training on it would diverge. "
         "Try another base_model_precision (int8-quanto is the safest) or mixed_precision 'bf16'.",
         ["forward pass on a fixed probe input"], counts,
     )
@@ -135,6 +156,12 @@ def quantized_forward_is_finite(config: ChromaConfig, layout, device: DeviceInfo
 
 def adapter_changes_output(config: ChromaConfig, layout, device: DeviceInfo, adapter: Path) -> CheckOutcome:
     """diffusers' LoRA loader applies every key of the adapter, and the prediction moves."""
+    # The adapter's folder is named by its key: same folder, same adapter.
+    return remembered(layout.root / "checks" / f"adapter-{adapter.parent.name}.json",
+                      lambda: _adapter_changes_output(config, layout, device, adapter))
+
+
+def _adapter_changes_output(config: ChromaConfig, layout, device: DeviceInfo, adapter: Path) -> CheckOutcome:
     from safetensors import safe_open
 
     from .steps import _model_dir, load_base_transformer

@@ -23,6 +23,7 @@ FLAVOUR_REPOS = {
     "flash": "lodestones/Chroma1-Flash",
 }
 FLAVOURS = (*FLAVOUR_REPOS, "tiny")
+KEEP_FULL_PRECISION = ("distilled_guidance_layer*", "x_embedder", "context_embedder", "proj_out", "norm_out*")
 
 # Keys SimpleTuner accepts that mean nothing for Chroma here; reported, never fatal.
 NO_EFFECT_KEYS = {
@@ -46,7 +47,11 @@ class ChromaConfig(BaseModel):
     model_flavour: Literal["base", "hd", "flash", "tiny"] = "base"
     pretrained_model_name_or_path: str | None = None
     revision: str | None = None
-    base_model_precision: Literal["no_change", "int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto"] = "no_change"
+    base_model_precision: Literal[
+        "no_change", "bf16", "int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto", "nf4-bnb", "int8-bnb", "auto",
+    ] = "no_change"
+    # Layers quantization hurts most and that weigh little: the approximator, the embedders, the output.
+    base_model_keep_full_precision: list[str] = list(KEEP_FULL_PRECISION)
     offload_during_startup: bool = False
 
     # --- data ----------------------------------------------------------------------
@@ -138,15 +143,10 @@ class ChromaConfig(BaseModel):
             raise ValueError("must be a colour name or #rrggbb, e.g. 'white', 'black', '#808080'") from None
         return value
 
-    @field_validator("base_model_precision", mode="before")
+    @field_validator("base_model_precision")
     @classmethod
-    def _bitsandbytes_not_yet(cls, value):
-        if value in ("nf4-bnb", "int8-bnb"):
-            raise ValueError(
-                "bitsandbytes precisions are not available in this version of chroma-pipeline; use 'int4-quanto' "
-                "(close to nf4's memory) or 'int8-quanto', which work on every device"
-            )
-        return value
+    def _bf16_is_no_change(cls, value: str) -> str:
+        return "no_change" if value == "bf16" else value  # the checkpoint is bf16: nothing to do
 
     @field_validator("validation_prompt", "validation_seed")
     @classmethod
@@ -267,4 +267,11 @@ def load_config(path: str | Path, **overrides: Any) -> ChromaConfig:
         value = values.get(key, ChromaConfig.model_fields[key].default)
         if isinstance(value, str) and not Path(value).expanduser().is_absolute():  # (None stays None)
             values[key] = str((path.parent / value).resolve())
-    return config_from_dict(values, source=str(path))
+    config = config_from_dict(values, source=str(path))
+    data, output = Path(config.instance_data_dir).resolve(), Path(config.output_dir).resolve()
+    if output.is_relative_to(data):
+        raise ConfigError(
+            f"{path}: `output_dir` ({output}) is inside `instance_data_dir` ({data}); the pipeline's own files would "
+            "look like dataset changes (and grid images like training images). Put output_dir beside the dataset."
+        )
+    return config

@@ -66,13 +66,21 @@ def decode_caption(raw: bytes, where: str) -> str:
         return raw.decode("latin-1")
 
 
+def is_inside(path: Path, root: Path) -> bool:
+    """Whether `path`, links followed, stays under `root`; a link loop or a dangling link does not."""
+    try:
+        return path.resolve(strict=True).is_relative_to(root)
+    except (OSError, RuntimeError):
+        return False
+
+
 def find_metadata(root: Path, options: ScanOptions) -> Path | None:
     if options.metadata_file:
         path = (root / options.metadata_file).resolve()
         if not path.is_file() or not path.is_relative_to(root):
             raise FileNotFoundError(f"metadata_file {options.metadata_file!r} is not a file inside {root}")
         return path
-    found = [root / name for name in METADATA_FILES if (root / name).is_file()]
+    found = [root / name for name in METADATA_FILES if (root / name).is_file() and is_inside(root / name, root)]
     if len(found) > 1:
         raise ValueError(f"{root} has several metadata files ({', '.join(p.name for p in found)}); set metadata_file")
     return found[0] if found else None
@@ -133,13 +141,16 @@ def scan_dataset(root: Path, options: ScanOptions = ScanOptions()) -> list[Manif
     images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     for path in images:
         relative = path.relative_to(root).as_posix()
-        if not path.resolve().is_relative_to(root):
+        if not is_inside(path, root):
             rows.append(ManifestRow(relative, "skipped", "outside root"))
             continue
         if listed is not None:
             original, source = (listed[relative], "metadata") if relative in listed else (None, "")
         else:
             caption_path = path.with_suffix(".txt")
+            if caption_path.is_file() and not is_inside(caption_path, root):
+                rows.append(ManifestRow(relative, "skipped", "caption outside root"))  # never read it
+                continue
             original, source = (
                 (decode_caption(caption_path.read_bytes(), str(caption_path)), "textfile")
                 if caption_path.is_file() else (None, "")

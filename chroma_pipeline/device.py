@@ -6,7 +6,6 @@ and never asks torch.cuda itself. The Dagster GPU resource is a thin wrapper.
 
 from __future__ import annotations
 
-import os
 import random
 import resource
 import sys
@@ -51,7 +50,9 @@ class DeviceInfo:
             return int(free)
         if self.kind == "mps":
             return int(torch.mps.recommended_max_memory() - torch.mps.current_allocated_memory())
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        import psutil
+
+        return int(psutil.virtual_memory().available)  # free pages plus the page cache the kernel can drop
 
     def reset_peak_memory(self) -> None:
         if self.kind in ("cuda", "rocm"):

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .dataset import IMAGE_SUFFIXES
+from .dataset import IMAGE_SUFFIXES, is_inside
 from .storage import combine_hashes, sha256_file, write_json_atomic
 
 # Everything the scan can read: images, caption files and metadata tables.
@@ -65,13 +65,17 @@ def fingerprint_dataset(root: Path, memo_path: Path | None = None) -> Fingerprin
     hashed = 0
     for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in WATCHED_SUFFIXES):
         relative = path.relative_to(root).as_posix()
-        if not path.resolve().is_relative_to(root):
-            # Never read outside the dataset root; the scan skips it too, so its target is what matters.
+        if not is_inside(path, root):
+            # Never read outside the dataset root (the scan skips such files too): where the link
+            # points is what can change here.
             files[relative] = f"link:{os.readlink(path)}" if path.is_symlink() else "outside root"
             continue
-        if not path.is_file():
+        try:
+            if not path.is_file():
+                continue
+            stat = path.stat()
+        except OSError:  # deleted while we walked the folder: the next call sees it gone
             continue
-        stat = path.stat()
         signature = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
         remembered = memo.entries.get(relative)
         if remembered and remembered[:3] == signature:

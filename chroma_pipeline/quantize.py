@@ -1,23 +1,35 @@
 """Quantize the Chroma transformer once, save it, and reload it without quantizing again.
 
-A saved model is a folder: the quantized state dict (safetensors), quanto's
-quantization map, the transformer config and a manifest of what made it. The folder
-is written under a temporary name and renamed, so a half-written one never exists.
+A saved model is a folder: the quantized state dict (safetensors shards and their
+index), quanto's quantization map, the transformer config and a manifest of what made
+it. The folder is written under a temporary name and renamed, so a half-written one
+never exists.
+
+`quantize_to_folder` never holds the bf16 model: it builds the transformer's skeleton on
+the meta device, then reads one block at a time from the checkpoint's safetensors
+(memory-mapped), quantizes it, and keeps only the quantized tensors. The peak is close
+to the quantized model plus one bf16 block, not the 18 GB of Chroma1 in bf16.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import time
 from pathlib import Path
 
 import torch
 
+from .config import KEEP_FULL_PRECISION  # the default of base_model_keep_full_precision
 from .storage import atomic_dir, combine_hashes, write_json_atomic
 
+SHARD_BYTES = 2 * 2**30  # quantized tensors are flushed to a new shard past this size
 QUANTO_PRECISIONS = ("int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto")
-# Small layers that steer the whole network; quantizing them costs quality and saves little.
-KEEP_FULL_PRECISION = ("distilled_guidance_layer*", "x_embedder", "context_embedder", "proj_out", "norm_out*")
+BNB_PRECISIONS = ("nf4-bnb", "int8-bnb")
+
+
+class QuantizationUnavailable(RuntimeError):
+    """The precision cannot run on this device; the message names what can."""
 
 
 def _quanto_weights(precision: str):
@@ -37,8 +49,32 @@ def quanto_version() -> str:
     return __version__
 
 
-def quantized_model_key(transformer_identity: str, precision: str, dtype: torch.dtype) -> str:
-    return combine_hashes(transformer_identity, precision, str(dtype), ",".join(KEEP_FULL_PRECISION), quanto_version())
+def library_version(precision: str) -> str:
+    if precision in BNB_PRECISIONS:
+        from bitsandbytes import __version__
+    else:
+        from optimum.quanto import __version__
+    return __version__
+
+
+def quantized_model_key(transformer_identity: str, precision: str, dtype: torch.dtype, keep=KEEP_FULL_PRECISION) -> str:
+    return combine_hashes(transformer_identity, precision, str(dtype), ",".join(keep), library_version(precision))
+
+
+def check_available(precision: str, device_kind: str, backends: tuple[str, ...]) -> None:
+    if precision in BNB_PRECISIONS and "bitsandbytes" not in backends:
+        raise QuantizationUnavailable(
+            f"base_model_precision {precision!r} needs bitsandbytes on a CUDA or ROCm GPU, and this run is on "
+            f"{device_kind}. Use 'int4-quanto' (about nf4's memory) or 'int8-quanto': optimum-quanto works on every "
+            "device, the CPU included."
+        )
+    if precision in BNB_PRECISIONS:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise QuantizationUnavailable(
+                f"base_model_precision {precision!r} needs the bitsandbytes package: pip install -e '.[cuda]'"
+            ) from None
 
 
 def is_complete(folder: Path) -> bool:
@@ -61,9 +97,9 @@ def save_quantized(transformer, precision: str, target: Path, source: dict) -> d
     from safetensors.torch import save_file
 
     started = time.perf_counter()
+    total = sum(p.numel() for p in transformer.parameters())
     quantize_model(transformer, precision)
     qmap = quantization_map(transformer)
-    total = sum(p.numel() for p in transformer.state_dict().values())
     quantized_params = sum(
         module.weight.numel() for name, module in transformer.named_modules() if name in qmap
     )
@@ -86,6 +122,173 @@ def save_quantized(transformer, precision: str, target: Path, source: dict) -> d
     return manifest
 
 
+def checkpoint_files(transformer_dir: Path) -> dict[str, Path]:
+    """Parameter name -> the safetensors file holding it, for a diffusers transformer folder."""
+    transformer_dir = Path(transformer_dir)
+    index = transformer_dir / "diffusion_pytorch_model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: transformer_dir / file for name, file in weight_map.items()}
+    single = transformer_dir / "diffusion_pytorch_model.safetensors"
+    if not single.is_file():
+        raise FileNotFoundError(f"{transformer_dir} has no diffusion_pytorch_model.safetensors (or its index)")
+    from safetensors import safe_open
+
+    with safe_open(single, "pt") as handle:
+        return dict.fromkeys(handle.keys(), single)
+
+
+def quantization_units(transformer) -> list[str]:
+    """The pieces quantized one at a time: every transformer block, then "" (what is left: embedders, output)."""
+    units = [f"transformer_blocks.{i}" for i in range(len(transformer.transformer_blocks))]
+    units += [f"single_transformer_blocks.{i}" for i in range(len(transformer.single_transformer_blocks))]
+    return [*units, ""]
+
+
+def _kept(full_name: str, keep: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatch(full_name, pattern) or full_name.startswith(pattern.rstrip("*") + ".") for pattern in keep)
+
+
+class _ShardWriter:
+    """Collects quantized tensors and writes them as numbered safetensors shards plus an index."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.pending, self.pending_bytes, self.weight_map, self.count = folder, {}, 0, {}, 0
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, tensor in tensors.items():
+            self.pending[name] = tensor.contiguous()
+            self.pending_bytes += tensor.numel() * tensor.element_size()
+        if self.pending_bytes >= SHARD_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.pending:
+            return
+        self.count += 1
+        name = f"model-{self.count:05d}.safetensors"
+        save_file(self.pending, str(self.folder / name))
+        self.weight_map.update(dict.fromkeys(self.pending, name))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> int:
+        self.flush()
+        write_json_atomic(self.folder / "model.safetensors.index.json", {"weight_map": self.weight_map})
+        return sum((self.folder / f).stat().st_size for f in set(self.weight_map.values()))
+
+
+def quantize_to_folder(
+    transformer_dir: Path, precision: str, target: Path, source: dict, dtype: torch.dtype = torch.bfloat16,
+    device: str = "cpu", keep: tuple[str, ...] = KEEP_FULL_PRECISION, log=print,
+) -> dict:
+    """Quantize the checkpoint in `transformer_dir` block by block into the folder `target`; returns its manifest.
+
+    Each block is read from the memory-mapped safetensors in `dtype`, quantized on `device`
+    (a GPU is much faster than the CPU at this), and its quantized tensors are moved to the
+    host; the bf16 block is then dropped before the next one is read.
+    """
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from diffusers import ChromaTransformer2DModel
+    from optimum.quanto import quantization_map
+    from safetensors import safe_open
+
+    started = time.perf_counter()
+    transformer_dir = Path(transformer_dir)
+    config = ChromaTransformer2DModel.load_config(transformer_dir)
+    with init_empty_weights():  # parameters on "meta": no memory; buffers (rope tables) are real and small
+        skeleton = ChromaTransformer2DModel.from_config(config)
+    files = checkpoint_files(transformer_dir)
+    handles = {path: safe_open(path, "pt") for path in set(files.values())}
+    qmap, quantized, kept_names = {}, 0, []
+    total = sum(_numel(handles[path].get_slice(name).get_shape()) for name, path in files.items())
+    units = quantization_units(skeleton)
+    with atomic_dir(target) as staging:
+        writer = _ShardWriter(staging)
+        for number, unit in enumerate(units, 1):
+            module = skeleton.get_submodule(unit)  # "" is the skeleton itself, its blocks already dropped
+            prefix = f"{unit}." if unit else ""
+            for name, _ in list(module.named_parameters()):
+                if prefix + name not in files:
+                    raise KeyError(f"{prefix + name} is missing from the checkpoint in {transformer_dir}")
+                value = handles[files[prefix + name]].get_tensor(prefix + name).to(dtype)
+                set_module_tensor_to_device(module, name, device, value=value)
+            linear_names = [n for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)]
+            excluded = [n for n in linear_names if _kept(prefix + n, keep)]
+            if len(excluded) < len(linear_names):
+                quantize_model(module, precision, keep=tuple(excluded))
+            unit_map = quantization_map(module)
+            qmap.update({prefix + name: spec for name, spec in unit_map.items()})
+            kept_names += [prefix + n for n in excluded]
+            quantized += sum(sub.weight.numel() for name, sub in module.named_modules() if name in unit_map)
+            writer.add({prefix + k: v.to("cpu") for k, v in module.state_dict().items()})
+            if unit:
+                _drop(skeleton, unit)  # the bf16 weights of this block are released here
+            if number % 8 == 0 or number == len(units):
+                log(f"quantized {number}/{len(units)} parts to {precision}")
+        total_bytes = writer.close()
+        (staging / "quantization_map.json").write_text(json.dumps(qmap, indent=1, sort_keys=True))
+        skeleton.save_config(staging)
+        manifest = {
+            "precision": precision,
+            "kept_full_precision": list(keep),
+            "kept_layers": kept_names,
+            "quantized_layers": len(qmap),
+            "quantized_parameters": int(quantized),
+            "kept_parameters": int(total - quantized),
+            "optimum_quanto": quanto_version(),
+            "seconds": round(time.perf_counter() - started, 3),
+            "bytes": total_bytes,
+            **source,
+        }
+        write_json_atomic(staging / "manifest.json", manifest)  # last: its presence marks the folder complete
+    return manifest
+
+
+def _numel(shape) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def _drop(skeleton, unit: str) -> None:
+    parent_name, _, child = unit.rpartition(".")
+    parent = skeleton.get_submodule(parent_name) if parent_name else skeleton
+    parent._modules[child] = torch.nn.Identity()
+
+
+def quantize_bnb_to_folder(transformer_dir: Path, precision: str, target: Path, source: dict, dtype: torch.dtype,
+                           keep: tuple[str, ...] = KEEP_FULL_PRECISION, log=print) -> dict:
+    """bitsandbytes quantizes while diffusers loads the checkpoint (shard by shard, onto the GPU)."""
+    from diffusers import BitsAndBytesConfig, ChromaTransformer2DModel
+
+    started = time.perf_counter()
+    skip = [pattern.rstrip("*").rstrip(".") for pattern in keep]  # bitsandbytes matches module-name prefixes
+    if precision == "nf4-bnb":
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                                          llm_int8_skip_modules=skip)
+    else:
+        quantization = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    log(f"loading {transformer_dir} through bitsandbytes ({precision})")
+    model = ChromaTransformer2DModel.from_pretrained(transformer_dir, quantization_config=quantization, torch_dtype=dtype,
+                                                     use_safetensors=True)
+    total = sum(p.numel() for p in model.parameters())
+    with atomic_dir(target) as staging:
+        model.save_pretrained(staging / "bnb", safe_serialization=True)
+        quantized = sum(m.weight.numel() for m in model.modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt"))
+        manifest = {
+            "precision": precision, "kept_full_precision": list(keep), "quantized_parameters": int(quantized),
+            "kept_parameters": int(total - quantized), "bitsandbytes": library_version(precision),
+            "seconds": round(time.perf_counter() - started, 3),
+            "bytes": sum(f.stat().st_size for f in (staging / "bnb").glob("*.safetensors")), **source,
+        }
+        write_json_atomic(staging / "manifest.json", manifest)
+    return manifest
+
+
 def load_quantized(folder: Path, device: str):
     """Rebuild the transformer skeleton without allocating weights, then fill it from the saved file."""
     from accelerate import init_empty_weights
@@ -96,9 +299,16 @@ def load_quantized(folder: Path, device: str):
     folder = Path(folder)
     if not is_complete(folder):
         raise FileNotFoundError(f"no complete quantized model in {folder}: materialize quantized_base_model first")
+    if (folder / "bnb").is_dir():  # bitsandbytes: its config travels in config.json
+        return ChromaTransformer2DModel.from_pretrained(folder / "bnb", use_safetensors=True, device_map={"": device}).eval()
     with init_empty_weights():
         transformer = ChromaTransformer2DModel.from_config(ChromaTransformer2DModel.load_config(folder))
     qmap = json.loads((folder / "quantization_map.json").read_text())
-    requantize(transformer, load_file(str(folder / "model.safetensors")), qmap, device=torch.device(device))
+    index = folder / "model.safetensors.index.json"
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    state = {}
+    for shard in shards:
+        state.update(load_file(str(folder / shard)))
+    requantize(transformer, state, qmap, device=torch.device(device))
     transformer.eval()
     return transformer

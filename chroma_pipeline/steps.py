@@ -13,12 +13,24 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from . import models
+from . import quantize as quantization
 from .config import ChromaConfig
 from .dataset import ManifestRow, ScanOptions, read_manifest, scan_dataset, usable, write_manifest
 from .device import DeviceInfo, seed_everything
 from .latents import Framing, encode_dataset, read_latent_index, write_latent_index
-from .quantize import is_complete, load_quantized, quantize_model, quantized_model_key, quanto_version, save_quantized
+from .memory import AUTO_ORDER, Estimate, PeakRSS, check_fits, choose_precision, estimate, host_available
+from .quantize import (
+    BNB_PRECISIONS,
+    check_available,
+    is_complete,
+    load_quantized,
+    quantize_model,
+    quantized_model_key,
+    quanto_version,
+)
 from .storage import atomic_dir, combine_hashes, write_json_atomic
 from .text import encode_texts, load_embedding, read_embedding_index, write_embedding_index
 
@@ -50,7 +62,7 @@ STEP_SETTINGS = {
         "output_dir", *MODEL_KEYS, "tokenizer_max_length", "flux_t5_padding", "text_encoder_precision",
         "validation_prompts", "validation_negative_prompt",
     ),
-    "quantized_base_model": ("output_dir", *MODEL_KEYS, "base_model_precision"),
+    "quantized_base_model": ("output_dir", *MODEL_KEYS, "base_model_precision", "base_model_keep_full_precision"),
     "lora_adapter": ("output_dir", *TRAINING_KEYS),
     "validation_grid": ("output_dir", *VALIDATION_KEYS),
 }
@@ -248,41 +260,101 @@ def embeddings_version(entries) -> str:
 # --- quantized_base_model ------------------------------------------------------------
 
 
-def quantized_key(config: ChromaConfig, model_dir: Path, device: DeviceInfo) -> str:
+def precision_estimates(config: ChromaConfig, model_dir: Path, device: DeviceInfo) -> dict[str, Estimate]:
+    """Training and quantizing memory at every precision `auto` may pick, and the configured one."""
+    from .lora import target_modules
+
+    transformer_config = json.loads((model_dir / "transformer" / "config.json").read_text())
+    kept_bytes = torch.finfo(device.compute_dtype(config.mixed_precision)).bits // 8
+    candidates = {*AUTO_ORDER, config.base_model_precision} - {"auto"}
+    return {
+        precision: estimate(
+            transformer_config, precision, keep=tuple(config.base_model_keep_full_precision), rank=config.network_rank,
+            lora_pattern=target_modules(config.flux_lora_target, transformer_config["num_single_layers"]),
+            resolution=config.validation_size, batch_size=config.train_batch_size,
+            text_tokens=config.tokenizer_max_length, gradient_checkpointing=config.gradient_checkpointing,
+            bytes_per_kept=kept_bytes,
+        )
+        for precision in candidates
+    }
+
+
+def resolve_precision(config: ChromaConfig, layout: Layout, model_dir: Path, device: DeviceInfo) -> tuple[str, str]:
+    """The precision this run uses, and why. An `auto` choice is remembered per model and device,
+    so later steps and later runs agree (and reuse the same quantized model) while it still fits."""
+    requested = config.base_model_precision
+    estimates = precision_estimates(config, model_dir, device)
+    if requested != "auto":
+        return choose_precision(requested, estimates, device.kind, 0)
+    memo = layout.models_dir / "auto_precision.json"
+    memo_key = combine_hashes(models.component_identity(model_dir, "transformer"), device.name,
+                              config.settings_hash("network_rank", "flux_lora_target", "train_batch_size", "resolution",
+                                                   "resolution_type", "gradient_checkpointing", "mixed_precision"))
+    remembered = json.loads(memo.read_text()) if memo.is_file() else {}
+    free = device.free_memory_bytes()
+    if memo_key in remembered:
+        precision, reason = remembered[memo_key]
+        if estimates[precision].training_device <= free:
+            return precision, reason + " (remembered)"
+    precision, reason = choose_precision("auto", estimates, device.kind, free)
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(memo, {**remembered, memo_key: [precision, reason]})
+    return precision, reason
+
+
+def quantized_key(config: ChromaConfig, model_dir: Path, device: DeviceInfo, precision: str) -> str:
     identity = models.component_identity(model_dir, "transformer")
-    return quantized_model_key(identity, config.base_model_precision, device.compute_dtype(config.mixed_precision))
+    return quantized_model_key(identity, precision, device.compute_dtype(config.mixed_precision),
+                               tuple(config.base_model_keep_full_precision))
 
 
 def build_quantized(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=print) -> StepResult:
-    precision = config.base_model_precision
     model_dir = _model_dir(config, layout)
+    precision, reason = resolve_precision(config, layout, model_dir, device)
+    needs = precision_estimates(config, model_dir, device)[precision]
+    log(f"{reason}; {needs.describe()}")
+    about = {"precision": precision, "reason": reason, "estimate": needs}
     if precision == "no_change":
         identity = models.component_identity(model_dir, "transformer")
-        return StepResult(identity, model_dir / "transformer", {"precision": precision, "reused": True})
+        return StepResult(identity, model_dir / "transformer", {**about, "reused": True})
 
-    key = quantized_key(config, model_dir, device)
+    check_available(precision, device.kind, device.quantization_backends)
+    key = quantized_key(config, model_dir, device, precision)
     folder = layout.quantized_dir(key)
     if is_complete(folder):
         log(f"reusing quantized transformer {folder}")
         manifest = json.loads((folder / "manifest.json").read_text())
-        return StepResult(key, folder, {**manifest, "reused": True})
+        return StepResult(key, folder, {**manifest, **about, "reused": True})
 
+    check_fits(needs.quantize_host_peak, host_available(), f"quantizing to {precision}",
+               "Close other programs, or pick a smaller base_model_precision.")
     dtype = device.compute_dtype(config.mixed_precision)
-    log(f"loading transformer from {model_dir} to quantize it to {precision}")
-    transformer = models.load_transformer(model_dir, dtype)
-    device.reset_peak_memory()
+    # A GPU quantizes far faster than the CPU; offload_during_startup keeps it free for others.
+    on_device = "cpu" if device.kind == "cpu" or config.offload_during_startup else device.torch_device
     source = {"source": str(config.model_source), "revision": config.revision or "", "dtype": str(dtype)}
-    manifest = save_quantized(transformer, precision, folder, source)
-    log(f"saved {precision} transformer to {folder} ({manifest['bytes'] / 2**20:.1f} MiB)")
-    return StepResult(key, folder, {**manifest, "reused": False})
+    keep = tuple(config.base_model_keep_full_precision)
+    device.reset_peak_memory()
+    with PeakRSS() as host:
+        if precision in BNB_PRECISIONS:
+            manifest = quantization.quantize_bnb_to_folder(model_dir / "transformer", precision, folder, source, dtype,
+                                                           keep, log=log)
+        else:
+            manifest = quantization.quantize_to_folder(model_dir / "transformer", precision, folder, source, dtype=dtype,
+                                                       device=on_device, keep=keep, log=log)
+    manifest["peak_host_bytes"] = host.added
+    write_json_atomic(folder / "manifest.json", manifest)  # the folder is complete; this only adds the figure
+    log(f"saved {precision} transformer to {folder} ({manifest['bytes'] / 2**20:.1f} MiB, host RAM peak "
+        f"+{host.added / 2**30:.2f} GiB, {manifest['seconds']:.1f}s)")
+    return StepResult(key, folder, {**manifest, **about, "reused": False})
 
 
 def load_base_transformer(config: ChromaConfig, layout: Layout, model_dir: Path, device: DeviceInfo):
     """The transformer as quantized_base_model saved it; never quantizes again."""
-    if config.base_model_precision == "no_change":
+    precision, _reason = resolve_precision(config, layout, model_dir, device)
+    if precision == "no_change":
         dtype = device.compute_dtype(config.mixed_precision)
         return models.load_transformer(model_dir, dtype).to(device.torch_device)
-    return load_quantized(layout.quantized_dir(quantized_key(config, model_dir, device)), device.torch_device)
+    return load_quantized(layout.quantized_dir(quantized_key(config, model_dir, device, precision)), device.torch_device)
 
 
 # --- lora_adapter --------------------------------------------------------------------
@@ -316,7 +388,9 @@ def adapter_key(config: ChromaConfig, model_dir: Path, device: DeviceInfo, sampl
     Validation prompts are not part of it: changing them re-renders the grid, never retrains.
     """
     pairs = sorted(f"{s.latent.cache_key}:{s.embedding_key}" for s in samples)
-    return combine_hashes(*pairs, empty_key, quantized_key(config, model_dir, device), config.settings_hash(*TRAINING_KEYS))
+    precision, _reason = resolve_precision(config, Layout(Path(config.output_dir).resolve()), model_dir, device)
+    base = quantized_key(config, model_dir, device, precision)
+    return combine_hashes(*pairs, empty_key, base, config.settings_hash(*TRAINING_KEYS))
 
 
 def build_adapter(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=print) -> StepResult:
@@ -341,6 +415,8 @@ def build_adapter(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=
         device=device.torch_device, dtype=device.compute_dtype(config.mixed_precision), log=log,
         render_progress=_progress_renderer(config, layout, model_dir, device, log),
     )
+    if (folder / "progress").is_dir():  # which prompts and settings the strips show
+        write_json_atomic(folder / "progress" / "settings.json", {"validation": config.settings_hash(*VALIDATION_KEYS)})
     stats = {
         "steps": result.steps, "losses": result.losses, "seconds": result.seconds,
         "trainable_parameters": result.trainable_parameters, "peak_memory_bytes": device.peak_memory_bytes(),
@@ -446,8 +522,14 @@ def build_grid(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=pri
     grid = assemble_grid(cells, prompts, config.validation_seeds, config.validation_guidance_real,
                          config.validation_num_inference_steps)
     blank = [f"{c.name}: {c.problem}" for c in cells if c.problem]
-    # The renders made while training, one strip per `validation_steps`, oldest first.
+    # The renders made while training, one strip per `validation_steps`, oldest first; only when
+    # they show the current prompts and settings (the adapter is reused across prompt edits).
     strips = [Image.open(path).convert("RGB") for path in sorted(adapter.parent.glob("progress/step_*.png"))]
+    tag = adapter.parent / "progress" / "settings.json"
+    if strips and (not tag.is_file() or json.loads(tag.read_text())["validation"] != config.settings_hash(*VALIDATION_KEYS)):
+        log("progress strips left out: they were rendered with other validation prompts or settings (the next "
+            "training run renders new ones)")
+        strips = []
     summary = {"cells": len(cells), "blank_cells": blank, "adapter": str(adapter), "progress_strips": len(strips)}
     with atomic_dir(folder) as staging:
         for cell in cells:

@@ -4,6 +4,7 @@ These drive the sensor and schedule definitions the code location declares, with
 daemon's part (storing a sensor's events, launching a schedule's run) done by the test.
 """
 
+import json
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from dagster import AssetKey, DagsterInstance, DefaultScheduleStatus, build_sche
 from dagster._utils.schedules import cron_string_iterator
 from diffusers import AutoencoderKL
 
+from tests.conftest import write_config
 from tests.test_staleness import SCAN, Project
 
 pytestmark = pytest.mark.slow
@@ -40,7 +42,7 @@ class WatchedProject(Project):
             data = schedule.evaluate_tick(context)
         if not data.run_requests:
             return data.skip_message, set()
-        assert len(data.run_requests) == 1
+        assert len(data.run_requests) == 1 and schedule.job_name == "dataset_scan"
         self.materialize(SCAN)  # what the schedule's `dataset_scan` job selects
         return None, self.run_automation()
 
@@ -129,3 +131,22 @@ def test_a_failing_blocking_check_stops_training_and_says_which_and_why(project,
     project.materialize({"image_latents"})
     assert project.run_automation() == {"lora_adapter", "validation_grid"}
     assert project.work["train"] == 1
+
+
+def test_the_first_night_without_any_scan_scans(small_project, monkeypatch, tmp_path):
+    project = WatchedProject(small_project, monkeypatch)
+    (tmp_path / "dagster_home").mkdir()
+    project.instance = DagsterInstance.local_temp(str(tmp_path / "dagster_home"))
+    skip, ran = project.night(datetime(2026, 12, 1, 3, tzinfo=timezone.utc))
+    assert skip is None and {"text_embeddings", "image_latents"} <= ran
+
+
+def test_a_bad_schedule_setting_fails_the_code_location_with_the_key(small_project):
+    from assets.definitions import build_definitions
+    from chroma_pipeline.config import ConfigError
+
+    good = json.loads(small_project.read_text())
+    for key, value in (("retrain_cron", "every night"), ("retrain_timezone", "Mars/Olympus")):
+        write_config(small_project, {**good, key: value})
+        with pytest.raises(ConfigError, match=key):
+            build_definitions(str(small_project))

@@ -1,5 +1,6 @@
 """The config file: the quickstart's keys as written, clear errors, one warning for unknown keys."""
 
+import json
 import warnings
 
 import pytest
@@ -126,3 +127,11 @@ def test_settings_hash_changes_only_with_the_named_settings():
     base = ChromaConfig()
     assert base.settings_hash("learning_rate") == ChromaConfig(network_rank=4).settings_hash("learning_rate")
     assert base.settings_hash("learning_rate") != ChromaConfig(learning_rate=3e-4).settings_hash("learning_rate")
+
+
+def test_an_output_folder_inside_the_dataset_is_refused(tmp_path):
+    # The pipeline's own files would look like dataset edits every night, and grid PNGs like training images.
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"instance_data_dir": "data", "output_dir": "data/output"}))
+    with pytest.raises(ConfigError, match="`output_dir`.*is inside `instance_data_dir`"):
+        load_config(config)

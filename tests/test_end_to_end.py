@@ -49,7 +49,7 @@ def test_code_location_has_the_six_steps_and_their_lineage(small_project):
 @pytest.fixture
 def work_counter(monkeypatch):
     counts = {"vae": 0, "t5": 0, "quantize": 0, "train": 0, "render": 0}
-    encode, prompts, quantize = AutoencoderKL.encode, text_module.encode_prompts, quantize_module.quantize_model
+    encode, prompts, quantize = AutoencoderKL.encode, text_module.encode_prompts, quantize_module.quantize_to_folder
     train, render = train_module.train_lora, grid_module.render
 
     def count(name, fn):
@@ -60,7 +60,7 @@ def work_counter(monkeypatch):
 
     monkeypatch.setattr(AutoencoderKL, "encode", count("vae", encode))
     monkeypatch.setattr(text_module, "encode_prompts", count("t5", prompts))
-    monkeypatch.setattr(quantize_module, "quantize_model", count("quantize", quantize))
+    monkeypatch.setattr(quantize_module, "quantize_to_folder", count("quantize", quantize))
     monkeypatch.setattr(train_module, "train_lora", count("train", train))
     monkeypatch.setattr(grid_module, "render", count("render", render))
     return counts
@@ -145,9 +145,10 @@ def test_a_run_with_other_settings_than_the_loaded_code_location_is_refused(smal
 
 def test_bad_config_fails_before_any_work(tmp_path):
     # A good config when the code location loaded, broken before the run: the run fails at start.
-    good = write_config(tmp_path / "good.json", {"output_dir": str(tmp_path / "out"), "instance_data_dir": str(tmp_path)})
+    paths = {"output_dir": str(tmp_path / "out"), "instance_data_dir": str(tmp_path / "data")}
+    good = write_config(tmp_path / "good.json", paths)
     defs = build_definitions(str(good), device="cpu")
-    write_config(good, {"model_flavour": "turbo", "output_dir": str(tmp_path / "out"), "instance_data_dir": str(tmp_path)})
+    write_config(good, {"model_flavour": "turbo", **paths})
     result = materialize(list(defs.assets), resources=defs.resources, instance=DagsterInstance.ephemeral(),
                          raise_on_error=False)
     assert not result.success

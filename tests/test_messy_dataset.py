@@ -11,6 +11,7 @@ from PIL import Image
 from assets.definitions import materialize_chain
 from chroma_pipeline.dataset import ScanOptions, scan_dataset
 from chroma_pipeline.demo_data import demo_config
+from chroma_pipeline.fingerprint import fingerprint_dataset
 from chroma_pipeline.images import open_rgb
 from chroma_pipeline.latents import read_latent_index
 from tests.conftest import write_config
@@ -229,3 +230,28 @@ def test_an_image_edited_after_the_scan_is_not_cached_under_the_old_hash(tmp_pat
                                raise_on_error=False)
     error = str(next(e for e in result.all_events if e.is_step_failure).event_specific_data.error)
     assert "red.png changed since the dataset scan" in error
+
+
+def test_links_out_of_the_root_or_in_a_loop_are_skipped_and_never_read(tmp_path):
+    root, outside = tmp_path / "data", tmp_path / "secret"
+    root.mkdir()
+    outside.mkdir()
+    Image.new("RGB", (128, 128), "red").save(root / "a.png")
+    (outside / "notes.txt").write_text("private text that must not become a caption")
+    (root / "a.txt").symlink_to(outside / "notes.txt")
+    Image.new("RGB", (128, 128), "blue").save(root / "b.png")
+    (root / "b.txt").symlink_to(root / "b.txt")  # a link to itself: resolving it loops
+    (outside / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "from outside"}\n')
+    (root / "metadata.jsonl").symlink_to(outside / "metadata.jsonl")
+
+    rows = {row.path: row for row in scan_dataset(root, ScanOptions(caption_strategy="auto"))}
+    assert (rows["a.png"].status, rows["a.png"].skip_reason) == ("skipped", "caption outside root")
+    assert rows["b.png"].status == "skipped"
+    assert not any("private" in row.caption or "outside" in row.caption for row in rows.values())
+
+    # The watcher fingerprints the same folder without crashing on the loop, and sees a re-pointed link.
+    first = fingerprint_dataset(root)
+    assert first.files["a.txt"] == f"link:{outside / 'notes.txt'}"
+    (root / "a.txt").unlink()
+    (root / "a.txt").symlink_to(outside / "metadata.jsonl")
+    assert fingerprint_dataset(root).changes_since(first.files)["modified"] == ["a.txt"]

@@ -1,13 +1,22 @@
 """The quantized base model: saved once, reloaded without quantizing, close to the original."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import chroma_pipeline.quantize as quantize_module
+import chroma_pipeline.steps as steps_module
 from chroma_pipeline import flow
-from chroma_pipeline.config import ConfigError, config_from_dict
-from chroma_pipeline.lora import lora_config
+from chroma_pipeline.config import KEEP_FULL_PRECISION, config_from_dict, load_config
+from chroma_pipeline.device import detect_device
+from chroma_pipeline.lora import lora_config, target_modules
+from chroma_pipeline.memory import AUTO_ORDER, choose_precision, estimate
 from chroma_pipeline.models import load_transformer
+from chroma_pipeline.quantize import QuantizationUnavailable
+from chroma_pipeline.steps import Layout, build_quantized
 
 # Relative error of the transformer's output against fp32, per precision, on the tiny model.
 TOLERANCE = {"int8-quanto": 0.02, "fp8-quanto": 0.05, "int4-quanto": 0.1, "int2-quanto": 0.8}
@@ -57,10 +66,97 @@ def test_half_written_model_is_not_reused(tiny_model_dir, tmp_path):
         quantize_module.load_quantized(folder, "cpu")
 
 
+@pytest.mark.parametrize("precision", sorted(TOLERANCE))
+def test_block_by_block_gives_exactly_what_quantizing_the_loaded_model_gives(precision, tiny_model_dir, tmp_path):
+    whole = quantize_module.save_quantized(load_transformer(tiny_model_dir, torch.float32), precision, tmp_path / "whole", {})
+    streamed = quantize_module.quantize_to_folder(tiny_model_dir / "transformer", precision, tmp_path / "streamed", {},
+                                                  dtype=torch.float32)
+    a, b = _saved_tensors(tmp_path / "streamed"), _saved_tensors(tmp_path / "whole")
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+    assert json.loads((tmp_path / "streamed" / "quantization_map.json").read_text()) == json.loads(
+        (tmp_path / "whole" / "quantization_map.json").read_text())
+    assert streamed["quantized_parameters"] == whole["quantized_parameters"]
+    assert streamed["quantized_parameters"] + streamed["kept_parameters"] == sum(
+        p.numel() for p in load_transformer(tiny_model_dir, torch.float32).parameters())
+    assert "distilled_guidance_layer.in_proj" in streamed["kept_layers"] and "proj_out" in streamed["kept_layers"]
+
+
+def _saved_tensors(folder):
+    index = folder / "model.safetensors.index.json"
+    files = set(json.loads(index.read_text())["weight_map"].values()) if index.is_file() else {"model.safetensors"}
+    tensors = {}
+    for name in files:
+        tensors.update(load_file(folder / name))
+    return tensors
+
+
+def test_the_kept_layers_are_configurable(tiny_model_dir, tmp_path):
+    keep = ("transformer_blocks.0.attn*", "proj_out")
+    manifest = quantize_module.quantize_to_folder(tiny_model_dir / "transformer", "int8-quanto", tmp_path / "q", {},
+                                                  dtype=torch.float32, keep=keep)
+    reloaded = quantize_module.load_quantized(tmp_path / "q", "cpu")
+    assert type(reloaded.transformer_blocks[0].attn.to_q) is torch.nn.Linear
+    assert type(reloaded.transformer_blocks[0].ff.net[2]) is not torch.nn.Linear  # quantized (quanto's QLinear)
+    assert type(reloaded.distilled_guidance_layer.in_proj) is not torch.nn.Linear  # no longer in the kept list
+    assert "transformer_blocks.0.attn.to_q" in manifest["kept_layers"]
+
+
 @pytest.mark.parametrize("precision", ["nf4-bnb", "int8-bnb"])
-def test_bitsandbytes_precisions_are_refused_in_the_config_with_what_works_instead(precision):
-    # Not built yet: refused when the config is read, before any step runs, not halfway through a run.
-    with pytest.raises(ConfigError) as error:
-        config_from_dict({"base_model_precision": precision})
+def test_bitsandbytes_without_a_gpu_stops_before_any_work_and_names_what_works(precision, small_project):
+    config = load_config(small_project, base_model_precision=precision)  # accepted: it is the device that decides
+    with pytest.raises(QuantizationUnavailable) as error:
+        build_quantized(config, Layout(Path(config.output_dir)), detect_device("cpu"))
     message = str(error.value)
-    assert precision in message and "int4-quanto" in message and "int8-quanto" in message
+    assert precision in message and "CUDA or ROCm" in message and "int4-quanto" in message and "int8-quanto" in message
+
+
+def test_bf16_means_the_checkpoint_as_it_is():
+    assert config_from_dict({"base_model_precision": "bf16"}).base_model_precision == "no_change"
+
+
+CHROMA1 = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+               num_attention_heads=24, joint_attention_dim=4096, axes_dims_rope=[16, 56, 56], approximator_num_channels=64,
+               approximator_hidden_dim=5120, approximator_layers=5)
+
+
+def test_memory_estimate_from_the_real_shapes_on_the_meta_device():
+    estimates = {p: estimate(CHROMA1, p, keep=KEEP_FULL_PRECISION, lora_pattern=target_modules("all", 38))
+                 for p in ("no_change", "int8-quanto", "int4-quanto")}
+    gib = 2**30
+    assert 16.0 < estimates["no_change"].weights / gib < 17.0  # 8.9B parameters in bf16
+    assert 8.0 < estimates["int8-quanto"].weights / gib < 9.5
+    assert 4.0 < estimates["int4-quanto"].weights / gib < 5.5
+    assert 0.0 < estimates["int8-quanto"].lora < 1 * gib
+    # Streaming: the host holds the result plus one bf16 block, never the 16.6 GiB model.
+    assert estimates["int8-quanto"].quantize_host_peak < estimates["int8-quanto"].weights + 2.5 * gib
+
+
+def test_auto_takes_the_most_precise_precision_that_fits_and_says_why():
+    estimates = {p: estimate(CHROMA1, p, keep=KEEP_FULL_PRECISION, lora_pattern=target_modules("all", 38))
+                 for p in AUTO_ORDER}
+    gib = 2**30
+    assert choose_precision("auto", estimates, "cuda", 80 * gib)[0] == "no_change"
+    precision, reason = choose_precision("auto", estimates, "cuda", 16 * gib)
+    assert precision == "int8-quanto" and "16.0 GiB free on cuda" in reason
+    assert choose_precision("auto", estimates, "cuda", 11 * gib)[0] == "int4-quanto"
+    with pytest.raises(MemoryError, match="Free memory, lower resolution"):
+        choose_precision("auto", estimates, "cuda", 2 * gib)
+
+
+def test_a_machine_that_cannot_hold_the_quantization_is_told_before_anything_loads(small_project, monkeypatch):
+    config = load_config(small_project)
+    monkeypatch.setattr(steps_module, "host_available", lambda: 1024)
+    monkeypatch.setattr(quantize_module, "quantize_to_folder", lambda *a, **k: pytest.fail("must stop before this"))
+    with pytest.raises(MemoryError, match=r"quantizing to int8-quanto needs about .* GiB but only 0.0 GiB"):
+        build_quantized(config, Layout(Path(config.output_dir)), detect_device("cpu"))
+
+
+def test_the_asset_reports_precision_size_parameters_peak_memory_and_time(small_project):
+    config = load_config(small_project, base_model_precision="auto")
+    result = build_quantized(config, Layout(Path(config.output_dir)), detect_device("cpu"))
+    stats = result.stats
+    assert stats["precision"] == "no_change" and stats["reason"].startswith("auto: no_change")  # tiny fits anywhere
+    config = load_config(small_project, base_model_precision="int4-quanto")
+    stats = build_quantized(config, Layout(Path(config.output_dir)), detect_device("cpu")).stats
+    assert stats["bytes"] > 0 and stats["quantized_parameters"] > 0 and stats["kept_parameters"] > 0
+    assert stats["peak_host_bytes"] >= 0 and stats["seconds"] > 0

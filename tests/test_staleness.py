@@ -37,7 +37,7 @@ class Project:
 
     def _count(self, monkeypatch):
         encode, prompts = AutoencoderKL.encode, text_module.encode_prompts
-        quantize, train = quantize_module.quantize_model, train_module.train_lora
+        quantize, train = quantize_module.quantize_to_folder, train_module.train_lora
 
         def images(vae, pixels, *args, **kwargs):
             self.work["images"] += pixels.shape[0]
@@ -55,7 +55,7 @@ class Project:
 
         monkeypatch.setattr(AutoencoderKL, "encode", images)
         monkeypatch.setattr(text_module, "encode_prompts", texts)
-        monkeypatch.setattr(quantize_module, "quantize_model", counted("quantize", quantize))
+        monkeypatch.setattr(quantize_module, "quantize_to_folder", counted("quantize", quantize))
         monkeypatch.setattr(train_module, "train_lora", counted("train", train))
 
     def definitions(self):

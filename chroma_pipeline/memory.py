@@ -1,0 +1,147 @@
+"""Host memory: what a step peaked at, and what a model will need before it is loaded."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import psutil
+
+
+class PeakRSS:
+    """The highest resident set size of this process while the block runs, sampled every 20 ms.
+
+    `ru_maxrss` would report the peak of the whole process life, which includes whatever an
+    earlier step of the same Dagster run loaded.
+    """
+
+    def __init__(self, interval: float = 0.02):
+        self.interval, self.peak, self.start = interval, 0, 0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> PeakRSS:
+        process = psutil.Process()
+        self.start = self.peak = process.memory_info().rss
+
+        def sample():
+            while not self._stop.wait(self.interval):
+                self.peak = max(self.peak, process.memory_info().rss)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, psutil.Process().memory_info().rss)
+
+    @property
+    def added(self) -> int:
+        """Bytes above what the process held when the block started."""
+        return self.peak - self.start
+
+
+# Bits per quantized weight, and bytes of scale/shift per group of weights.
+BITS = {"no_change": 16, "int8-quanto": 8, "fp8-quanto": 8, "int4-quanto": 4, "int2-quanto": 2, "nf4-bnb": 4, "int8-bnb": 8}
+GROUP = {"int4-quanto": (128, 4), "int2-quanto": (128, 4), "nf4-bnb": (64, 1)}  # (group size, bytes per group)
+# From most to least precise; `auto` takes the first that fits.
+AUTO_ORDER = ("no_change", "int8-quanto", "int4-quanto", "int2-quanto")
+OVERHEAD = 1.5 * 2**30  # CUDA context, allocator slack, python + torch on the host
+
+
+@dataclass
+class Estimate:
+    precision: str
+    weights: int  # the transformer at this precision
+    lora: int  # LoRA parameters, gradients and AdamW state, fp32
+    activations: int  # what the backward pass keeps, at train_batch_size and resolution
+    quantize_host_peak: int  # host RAM while quantizing (streaming: result + one bf16 block)
+    largest_block: int  # bf16 bytes of the largest block
+
+    @property
+    def training_device(self) -> int:
+        return self.weights + self.lora + self.activations + int(OVERHEAD)
+
+    def describe(self) -> str:
+        gib = 2**30
+        return (
+            f"{self.precision}: training needs about {self.training_device / gib:.1f} GiB on the device "
+            f"(weights {self.weights / gib:.1f}, LoRA + optimizer {self.lora / gib:.2f}, activations "
+            f"{self.activations / gib:.1f}, overhead {OVERHEAD / gib:.1f}); quantizing needs about "
+            f"{self.quantize_host_peak / gib:.1f} GiB of host RAM"
+        )
+
+
+def estimate(transformer_config: dict, precision: str, *, keep=(), rank: int = 16, lora_pattern: str | None = None,
+             resolution: int = 1024, batch_size: int = 1, text_tokens: int = 512, gradient_checkpointing: bool = True,
+             bytes_per_kept: int = 2) -> Estimate:
+    """Memory for training a LoRA on the transformer at `precision`, from its shapes alone (meta device)."""
+    import fnmatch
+    import re
+
+    import torch
+    from accelerate import init_empty_weights
+    from diffusers import ChromaTransformer2DModel
+
+    with init_empty_weights():
+        model = ChromaTransformer2DModel.from_config(transformer_config)
+    bits = BITS[precision]
+    weights = lora_params = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            kept = precision == "no_change" or any(fnmatch.fnmatch(name, p) or name.startswith(p.rstrip("*") + ".")
+                                                   for p in keep)
+            numel = module.weight.numel()
+            if kept:
+                weights += numel * bytes_per_kept
+            else:
+                group, group_bytes = GROUP.get(precision, (module.in_features, 2))  # per-channel scale otherwise
+                weights += numel * bits // 8 + (numel // group) * group_bytes
+            weights += (module.bias.numel() * bytes_per_kept) if module.bias is not None else 0
+            if lora_pattern and re.fullmatch(lora_pattern, name):
+                lora_params += rank * (module.in_features + module.out_features)
+        elif not list(module.children()):
+            weights += sum(p.numel() for p in module.parameters(recurse=False)) * bytes_per_kept
+    blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
+    largest_block = max(sum(p.numel() for p in block.parameters()) for block in blocks) * 2
+    hidden = model.config.num_attention_heads * model.config.attention_head_dim
+    tokens = (resolution // 16) ** 2 + text_tokens
+    per_block_io = batch_size * tokens * hidden * 2  # one bf16 hidden state
+    # With checkpointing only block inputs stay, plus one block's internals during its backward
+    # (~24 hidden-sized tensors: q, k, v, attention output, 4x-wide MLP, norms); without, all of them.
+    inside_block = 24 * per_block_io
+    activations = len(blocks) * per_block_io + inside_block if gradient_checkpointing else len(blocks) * inside_block
+    quantize_host_peak = (weights if precision != "no_change" else 0) + largest_block + int(OVERHEAD)
+    return Estimate(precision, int(weights), int(lora_params * 16), int(activations), int(quantize_host_peak),
+                    int(largest_block))
+
+
+def host_available() -> int:
+    return int(psutil.virtual_memory().available)
+
+
+def choose_precision(requested: str, estimates: dict[str, Estimate], device_kind: str, device_free: int) -> tuple[str, str]:
+    """The precision to quantize to, and a sentence saying why. `auto` takes the most precise that fits."""
+    if requested != "auto":
+        return requested, f"base_model_precision is {requested!r}"
+    budget = int(device_free * 0.9)  # leave room for fragmentation and the VAE during validation renders
+    for precision in AUTO_ORDER:
+        if estimates[precision].training_device <= budget:
+            return precision, (
+                f"auto: {precision} is the most precise option whose training footprint fits in 90% of the "
+                f"{device_free / 2**30:.1f} GiB free on {device_kind} ({estimates[precision].describe()})"
+            )
+    smallest = estimates[AUTO_ORDER[-1]]
+    raise MemoryError(
+        f"base_model_precision 'auto': even {smallest.describe()}, more than the {device_free / 2**30:.1f} GiB free "
+        f"on {device_kind}. Free memory, lower resolution or train_batch_size, or use a larger device."
+    )
+
+
+def check_fits(needed: int, available: int, what: str, advice: str) -> None:
+    """Stop before loading anything when the machine cannot hold it."""
+    if needed > available:
+        raise MemoryError(
+            f"{what} needs about {needed / 2**30:.1f} GiB but only {available / 2**30:.1f} GiB is available. {advice}"
+        )
