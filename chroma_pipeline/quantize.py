@@ -23,7 +23,9 @@ import torch
 from .config import KEEP_FULL_PRECISION  # the default of base_model_keep_full_precision
 from .storage import atomic_dir, combine_hashes, write_json_atomic
 
-SHARD_BYTES = 2 * 2**30  # quantized tensors are flushed to a new shard past this size
+# Quantized tensors go to disk in shards of this size, so the host never holds the whole result
+# (safetensors' writer briefly copies a shard, so a small shard keeps that copy small too).
+SHARD_BYTES = 512 * 2**20
 QUANTO_PRECISIONS = ("int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto")
 BNB_PRECISIONS = ("nf4-bnb", "int8-bnb")
 
@@ -201,20 +203,27 @@ def quantize_to_folder(
     with init_empty_weights():  # parameters on "meta": no memory; buffers (rope tables) are real and small
         skeleton = ChromaTransformer2DModel.from_config(config)
     files = checkpoint_files(transformer_dir)
-    handles = {path: safe_open(path, "pt") for path in set(files.values())}
+    total = 0
+    for path in set(files.values()):
+        with safe_open(path, "pt") as handle:
+            total += sum(_numel(handle.get_slice(name).get_shape()) for name in handle.keys())
     qmap, quantized, kept_names = {}, 0, []
-    total = sum(_numel(handles[path].get_slice(name).get_shape()) for name, path in files.items())
     units = quantization_units(skeleton)
     with atomic_dir(target) as staging:
         writer = _ShardWriter(staging)
         for number, unit in enumerate(units, 1):
             module = skeleton.get_submodule(unit)  # "" is the skeleton itself, its blocks already dropped
             prefix = f"{unit}." if unit else ""
-            for name, _ in list(module.named_parameters()):
-                if prefix + name not in files:
-                    raise KeyError(f"{prefix + name} is missing from the checkpoint in {transformer_dir}")
-                value = handles[files[prefix + name]].get_tensor(prefix + name).to(dtype)
-                set_module_tensor_to_device(module, name, device, value=value)
+            names = [name for name, _ in module.named_parameters()]
+            missing = [prefix + n for n in names if prefix + n not in files]
+            if missing:
+                raise KeyError(f"{missing[:3]} missing from the checkpoint in {transformer_dir}: is it a Chroma transformer?")
+            # Open the shards for this unit only: a mapping kept open would keep every page read so far resident.
+            for path in sorted({files[prefix + n] for n in names}):
+                with safe_open(path, "pt") as handle:
+                    for name in (n for n in names if files[prefix + n] == path):
+                        value = handle.get_tensor(prefix + name)
+                        set_module_tensor_to_device(module, name, device, value=value, dtype=dtype)
             linear_names = [n for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)]
             excluded = [n for n in linear_names if _kept(prefix + n, keep)]
             if len(excluded) < len(linear_names):

@@ -81,6 +81,16 @@ def test_block_by_block_gives_exactly_what_quantizing_the_loaded_model_gives(pre
     assert "distilled_guidance_layer.in_proj" in streamed["kept_layers"] and "proj_out" in streamed["kept_layers"]
 
 
+def test_block_by_block_keeps_the_requested_dtype(tiny_model_dir, tmp_path):
+    # The skeleton is built in fp32; the kept layers must still be saved in bf16, as the whole-model path does.
+    quantize_module.save_quantized(load_transformer(tiny_model_dir, torch.bfloat16), "int8-quanto", tmp_path / "whole", {})
+    quantize_module.quantize_to_folder(tiny_model_dir / "transformer", "int8-quanto", tmp_path / "streamed", {},
+                                       dtype=torch.bfloat16)
+    a, b = _saved_tensors(tmp_path / "streamed"), _saved_tensors(tmp_path / "whole")
+    assert a["proj_out.weight"].dtype == torch.bfloat16
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+
+
 def _saved_tensors(folder):
     index = folder / "model.safetensors.index.json"
     files = set(json.loads(index.read_text())["weight_map"].values()) if index.is_file() else {"model.safetensors"}
