@@ -42,5 +42,6 @@ def lora_adapter(
             "trainable parameters": result.stats["trainable_parameters"],
             "wall seconds": round(result.stats["seconds"], 1),
             "peak memory GiB": round(result.stats["peak_memory_bytes"] / 2**30, 3),
+            "resumed from step": result.stats["resumed_from"] or 0,
         })
     return MaterializeResult(data_version=DataVersion(result.data_version), metadata=metadata)

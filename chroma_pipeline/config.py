@@ -93,6 +93,7 @@ class ChromaConfig(BaseModel):
     gradient_checkpointing: bool = True
     seed: int = 42
     checkpointing_steps: int = Field(500, ge=1)
+    checkpoints_total_limit: int | None = Field(None, ge=1)  # keep only the newest N checkpoints
 
     # --- validation ---------------------------------------------------------------
     validation_prompt: str | list[str] | None = "a photo of a cat"

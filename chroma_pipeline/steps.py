@@ -114,6 +114,10 @@ class Layout:
     def adapter_dir(self, key: str) -> Path:
         return self.root / "lora" / key
 
+    def checkpoint_dir(self, key: str) -> Path:
+        """Checkpoints of the adapter `key` while it trains; a re-run with the same key resumes from them."""
+        return self.root / "checkpoints" / key
+
     def grid_dir(self, key: str) -> Path:
         return self.root / "validation" / key
 
@@ -414,13 +418,14 @@ def build_adapter(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=
         vae_config=_vae_config(model_dir), text_width=_text_width(model_dir), output_dir=folder,
         device=device.torch_device, dtype=device.compute_dtype(config.mixed_precision), log=log,
         render_progress=_progress_renderer(config, layout, model_dir, device, log),
+        checkpoint_dir=layout.checkpoint_dir(key),
     )
     if (folder / "progress").is_dir():  # which prompts and settings the strips show
         write_json_atomic(folder / "progress" / "settings.json", {"validation": config.settings_hash(*VALIDATION_KEYS)})
     stats = {
         "steps": result.steps, "losses": result.losses, "seconds": result.seconds,
         "trainable_parameters": result.trainable_parameters, "peak_memory_bytes": device.peak_memory_bytes(),
-        "reused": False,
+        "reused": False, "resumed_from": result.extra["resumed_from"],
     }
     return StepResult(key, adapter, stats)
 

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+from .checkpoints import newest_usable, restore_checkpoint, save_checkpoint
 from .config import ChromaConfig
 from .flow import add_noise, flow_target, image_position_ids, pack_latents, predict_velocity, sample_sigmas
 from .latents import LatentEntry, load_latent_entry, scale_latents
@@ -98,11 +100,14 @@ def train_lora(
     log=print,
     log_every: int = 10,
     render_progress=None,
+    checkpoint_dir: Path | None = None,
 ) -> TrainingResult:
     """Train a LoRA on `transformer` (quantized or not) and write it to `output_dir` atomically.
 
     `render_progress(transformer, step)`, when given, is called every `validation_steps`
     and returns a picture of the validation prompts at that step (saved under progress/).
+    With `checkpoint_dir`, a checkpoint is written every `checkpointing_steps`, and a run
+    that finds one there continues from the newest that verifies.
     """
     from diffusers.optimization import get_scheduler
 
@@ -140,11 +145,24 @@ def train_lora(
 
     losses: list[float] = []
     progress = {}
+    first_step, drawn, resumed_from = 1, 0, None
+    live = dict(transformer=transformer, optimizer=optimizer, scheduler=lr_scheduler, scaler=scaler, generator=generator)
+    checkpoint = newest_usable(checkpoint_dir, warn=log) if checkpoint_dir else None
+    if checkpoint is not None:
+        state = restore_checkpoint(checkpoint, **live)
+        losses, resumed_from = state["losses"], state["step"]
+        first_step, drawn = state["step"] + 1, state["batches_drawn"]
+        for _ in range(drawn):  # the sampler continues where it was, mid-epoch included
+            next(batches)
+        for path in sorted((checkpoint / "progress").glob("step_*.png")):
+            progress[int(path.stem.split("_")[1])] = Image.open(path).convert("RGB")
+        log(f"resuming from checkpoint {checkpoint.name}: step {resumed_from} of {config.max_train_steps} done")
     started = time.perf_counter()
-    for step in range(1, config.max_train_steps + 1):
+    for step in range(first_step, config.max_train_steps + 1):
         step_loss = 0.0
         for _ in range(config.gradient_accumulation_steps):
             x0, prompt_embeds, text_mask = _load_batch(next(batches), **load)
+            drawn += 1
             if config.caption_dropout_probability > 0:
                 drop = torch.rand(x0.shape[0], generator=generator) < config.caption_dropout_probability
                 prompt_embeds[drop] = empty["prompt_embeds"].to(device, dtype)
@@ -178,7 +196,7 @@ def train_lora(
         losses.append(step_loss)
         if step % log_every == 0 or step == config.max_train_steps:
             elapsed = time.perf_counter() - started
-            rate = step / elapsed
+            rate = (step - first_step + 1) / elapsed
             log(
                 f"step {step}/{config.max_train_steps} loss {step_loss:.4f} lr {lr_scheduler.get_last_lr()[0]:.2e} "
                 f"{rate:.2f} steps/s ETA {(config.max_train_steps - step) / rate:.0f}s"
@@ -188,6 +206,10 @@ def train_lora(
             with torch.no_grad():
                 progress[step] = render_progress(transformer, step)
             transformer.train()
+        if checkpoint_dir and step % config.checkpointing_steps == 0 and step < config.max_train_steps:
+            save_checkpoint(checkpoint_dir, step, **live, batches_drawn=drawn, losses=losses, progress=progress,
+                            keep_last=config.checkpoints_total_limit)
+            log(f"checkpoint saved at step {step}")
 
     transformer.eval()
     output_dir = Path(output_dir)
@@ -203,6 +225,7 @@ def train_lora(
         steps=config.max_train_steps,
         seconds=time.perf_counter() - started,
         trainable_parameters=sum(p.numel() for p in trainable),
+        extra={"resumed_from": resumed_from},
     )
 
 
