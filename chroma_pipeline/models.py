@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ChromaConfig
+from .config import FLAVOUR_REPOS, ChromaConfig
 from .storage import sha256_file, write_json_atomic
 from .tiny import build_tiny_chroma
 
@@ -40,11 +40,7 @@ def resolve_model_dir(config: ChromaConfig, models_root: Path) -> Path:
         return build_tiny_chroma(Path(models_root) / "tiny")
     local = Path(source).expanduser()
     if local.is_file():
-        raise ModelSourceError(
-            f"pretrained_model_name_or_path={source!r} is a single file; single-file checkpoints are not supported "
-            "yet. Point it at a diffusers-layout folder (`huggingface-cli download lodestones/Chroma1-Base` makes one) "
-            "or leave it empty to use model_flavour."
-        )
+        return _from_single_file(local, config, Path(models_root))
     if local.exists():
         if not (local / "model_index.json").is_file():
             raise ModelSourceError(
@@ -52,18 +48,47 @@ def resolve_model_dir(config: ChromaConfig, models_root: Path) -> Path:
                 "point it at a diffusers-layout Chroma folder (the one holding transformer/, vae/, text_encoder/)"
             )
         return local
+    return _download(source, config.revision, _ALLOW)
+
+
+def _download(repo: str, revision: str | None, allow: list[str]) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(source, revision=config.revision, allow_patterns=_ALLOW, ignore_patterns=_NEVER))
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=allow, ignore_patterns=_NEVER))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
         raise ModelSourceError(
-            f"could not get {source!r} from the Hugging Face Hub or its local cache ({type(exc).__name__}: {exc}). "
-            "Either allow network access (HF_ENDPOINT selects a mirror), run `huggingface-cli download "
-            f"{source}` on a machine that has it, or set pretrained_model_name_or_path to a local diffusers "
-            "folder. For an offline smoke test use model_flavour: tiny."
+            f"could not get {repo!r} from the Hugging Face Hub or its local cache ({type(exc).__name__}: {exc}). "
+            "Provide one of: network access (HF_ENDPOINT selects a mirror); a copy in the local Hugging Face cache "
+            f"(`huggingface-cli download {repo}` on a machine that has it); pretrained_model_name_or_path set to a "
+            "local diffusers folder; or, for the transformer alone, a single original-format .safetensors file (the "
+            "VAE and T5 then still come from model_flavour's repository). For an offline smoke test use "
+            "model_flavour: tiny."
         ) from None
+
+
+def _from_single_file(path: Path, config: ChromaConfig, models_root: Path) -> Path:
+    """A diffusers folder for a single-file transformer: converted once, cached by the file's content."""
+    from . import single_file
+
+    if path.suffix != ".safetensors":
+        raise ModelSourceError(
+            f"pretrained_model_name_or_path={str(path)!r} is a {path.suffix or 'suffix-less'} file; only .safetensors "
+            "single files are loaded (other formats are pickles that can run code)"
+        )
+    target = models_root / "single-file" / weights_digest(path)[:24]
+    if (target / "transformer" / "config.json").is_file():
+        return target
+    if config.model_flavour == "tiny":
+        base = build_tiny_chroma(models_root / "tiny")
+    else:
+        base = _download(FLAVOUR_REPOS[config.model_flavour], config.revision,
+                         ["model_index.json", *(f"{c}/*" for c in single_file.BASE_COMPONENTS)])
+    try:
+        return single_file.convert(path, target, base)
+    except ValueError as exc:
+        raise ModelSourceError(str(exc)) from None
 
 
 def check_model_source(config: ChromaConfig) -> None:
