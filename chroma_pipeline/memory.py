@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import threading
 from dataclasses import dataclass
 
@@ -50,7 +52,7 @@ AUTO_ORDER = ("no_change", "int8-quanto", "int4-quanto", "int2-quanto")
 OVERHEAD = 1.5 * 2**30  # CUDA context, allocator slack, python + torch on the host
 
 
-@dataclass
+@dataclass(frozen=True)
 class Estimate:
     precision: str
     weights: int  # the transformer at this precision
@@ -77,6 +79,14 @@ def estimate(transformer_config: dict, precision: str, *, keep=(), rank: int = 1
              resolution: int = 1024, batch_size: int = 1, text_tokens: int = 512, gradient_checkpointing: bool = True,
              bytes_per_kept: int = 2) -> Estimate:
     """Memory for training a LoRA on the transformer at `precision`, from its shapes alone (meta device)."""
+    return _estimate(json.dumps(transformer_config, sort_keys=True, default=str), precision, tuple(keep), rank,
+                     lora_pattern, resolution, batch_size, text_tokens, gradient_checkpointing, bytes_per_kept)
+
+
+@functools.lru_cache(maxsize=64)  # every step asks; building the 8.9B skeleton, even on "meta", takes a moment
+def _estimate(transformer_config: str, precision: str, keep: tuple, rank: int, lora_pattern: str | None,
+              resolution: int, batch_size: int, text_tokens: int, gradient_checkpointing: bool,
+              bytes_per_kept: int) -> Estimate:
     import fnmatch
     import re
 
@@ -85,7 +95,7 @@ def estimate(transformer_config: dict, precision: str, *, keep=(), rank: int = 1
     from diffusers import ChromaTransformer2DModel
 
     with init_empty_weights():
-        model = ChromaTransformer2DModel.from_config(transformer_config)
+        model = ChromaTransformer2DModel.from_config(json.loads(transformer_config))
     bits = BITS[precision]
     weights = lora_params = 0
     for name, module in model.named_modules():

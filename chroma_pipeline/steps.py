@@ -410,6 +410,12 @@ def build_adapter(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=
         losses = json.loads((folder / "loss_history.json").read_text())
         return StepResult(key, adapter, {"steps": len(losses), "losses": losses, "reused": True})
 
+    precision, _reason = resolve_precision(config, layout, model_dir, device)
+    needs = precision_estimates(config, model_dir, device)[precision]
+    log(f"training at {precision}: {needs.describe()}")
+    check_fits(needs.training_device, device.free_memory_bytes(), f"training a rank-{config.network_rank} LoRA at {precision}",
+               "Use base_model_precision 'auto' or a smaller one, gradient_checkpointing true, train_batch_size 1, or a "
+               "lower resolution.")
     seed_everything(config.seed)
     transformer = load_base_transformer(config, layout, model_dir, device)
     device.reset_peak_memory()

@@ -170,3 +170,18 @@ def test_the_asset_reports_precision_size_parameters_peak_memory_and_time(small_
     stats = build_quantized(config, Layout(Path(config.output_dir)), detect_device("cpu")).stats
     assert stats["bytes"] > 0 and stats["quantized_parameters"] > 0 and stats["kept_parameters"] > 0
     assert stats["peak_host_bytes"] >= 0 and stats["seconds"] > 0
+
+
+def test_training_that_cannot_fit_is_refused_before_the_model_loads(small_project, monkeypatch):
+    from dagster import DagsterInstance
+
+    from assets.definitions import materialize_chain
+    from chroma_pipeline.device import DeviceInfo
+
+    caches = ["raw_dataset/images", "raw_dataset/captions", "image_latents", "text_embeddings", "quantized_base_model"]
+    assert materialize_chain(str(small_project), DagsterInstance.ephemeral(), selection=caches, device="cpu").success
+    monkeypatch.setattr(DeviceInfo, "free_memory_bytes", lambda self: 2**20)
+    monkeypatch.setattr(steps_module, "load_base_transformer", lambda *a, **k: pytest.fail("must stop before loading"))
+    config = load_config(small_project)
+    with pytest.raises(MemoryError, match=r"training a rank-8 LoRA at int8-quanto needs about .* GiB but only 0.0 GiB"):
+        steps_module.build_adapter(config, Layout(Path(config.output_dir)), detect_device("cpu"))
