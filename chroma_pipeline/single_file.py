@@ -23,9 +23,13 @@ BASE_COMPONENTS = ("vae", "text_encoder", "tokenizer", "scheduler")
 
 def config_from_shapes(path: Path) -> dict:
     """The ChromaTransformer2DModel config of an original-format checkpoint, from its header alone."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(path, "pt") as handle:
+    try:
+        handle_context = safe_open(path, "pt")
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{path} is not a readable safetensors file ({exc})") from None
+    with handle_context as handle:
         names = list(handle.keys())
         prefix = "model.diffusion_model." if any(n.startswith("model.diffusion_model.") for n in names) else ""
         keys = [n.removeprefix(prefix) for n in names]

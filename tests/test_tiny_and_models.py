@@ -75,11 +75,15 @@ def test_component_identity_follows_config_and_weight_content(tmp_path, tiny_mod
     assert models.component_identity(fresh, "vae") != original
 
 
-def test_a_single_file_checkpoint_gets_a_clear_message(tmp_path):
-    checkpoint = tmp_path / "chroma-unlocked-v50.safetensors"
-    checkpoint.write_bytes(b"")
-    with pytest.raises(models.ModelSourceError, match="single file"):
-        models.resolve_model_dir(ChromaConfig(pretrained_model_name_or_path=str(checkpoint)), tmp_path / "models")
+def test_a_single_file_that_is_not_a_chroma_transformer_gets_a_clear_message(tmp_path, tiny_model_dir):
+    # (A real one is converted: tests/test_single_file.py.)
+    empty = tmp_path / "chroma-unlocked-v50.safetensors"
+    empty.write_bytes(b"")
+    vae_weights = tiny_model_dir / "vae" / "diffusion_pytorch_model.safetensors"
+    for path, expected in ((empty, "not a readable safetensors file"), (vae_weights, "not an original-format Chroma")):
+        config = ChromaConfig(model_flavour="tiny", pretrained_model_name_or_path=str(path))
+        with pytest.raises(models.ModelSourceError, match=expected):
+            models.resolve_model_dir(config, tmp_path / "models")
 
 
 @pytest.mark.parametrize("source", ["/no/such/chroma", "./models/missing", "~/nowhere/chroma"])
