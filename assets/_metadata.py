@@ -22,7 +22,8 @@ def image_markdown(image: Image.Image | Path, title: str, max_width: int = 1024)
     return MetadataValue.md(f"![{title}](data:image/png;base64,{encoded})")
 
 
-def loss_curve(losses: list[float]) -> Image.Image:
+def loss_curve(losses: list[float], validation: list | None = None) -> Image.Image:
+    """Training loss (raw and smoothed) per step, and the held-out loss at the steps it was measured."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -34,6 +35,8 @@ def loss_curve(losses: list[float]) -> Image.Image:
     figure, axes = plt.subplots(figsize=(6, 3), dpi=100)
     axes.plot(range(1, len(losses) + 1), losses, alpha=0.35, label="loss")
     axes.plot(range(1, len(losses) + 1), smoothed, label=f"mean of {window}")
+    if validation:
+        axes.plot([s for s, _ in validation], [v for _, v in validation], "o-", label="held-out (fixed sigmas)")
     axes.set_xlabel("step")
     axes.set_ylabel("flow-matching MSE")
     axes.legend()

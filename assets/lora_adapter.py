@@ -26,10 +26,14 @@ def lora_adapter(
         "final loss": float(losses[-1]),
         "smoothed final loss": float(sum(tail) / len(tail)),
         "retrained": not result.stats["reused"],
-        "loss curve": image_markdown(loss_curve(losses), "loss curve"),
+        "loss curve": image_markdown(loss_curve(losses, result.stats.get("validation_losses")), "loss curve"),
         "adapter": MetadataValue.path(str(result.path)),
         **{f"gpu: {name}": value for name, value in gpu.describe().items()},
     }
+    validation = result.stats.get("validation_losses") or []
+    if validation:
+        metadata["validation loss"] = float(validation[-1][1])  # plotted across materializations by the UI
+        metadata["validation loss at step"] = int(validation[-1][0])
     strips = sorted(result.path.parent.glob("progress/step_*.png"))
     if strips:
         from PIL import Image

@@ -39,7 +39,7 @@ def _restore_optimizer(optimizer, tensors: dict[str, torch.Tensor], info: dict) 
 
 
 def save_checkpoint(folder: Path, step: int, *, transformer, optimizer, scheduler, scaler, generator, batches_drawn: int,
-                    losses: list[float], progress: dict, keep_last: int | None) -> Path:
+                    losses: list[float], progress: dict, keep_last: int | None, extra: dict | None = None) -> Path:
     from peft.utils import get_peft_model_state_dict
 
     target = Path(folder) / f"step_{step:06d}"
@@ -59,6 +59,7 @@ def save_checkpoint(folder: Path, step: int, *, transformer, optimizer, schedule
         (staging / "state.json").write_text(json.dumps({
             "step": step, "batches_drawn": batches_drawn, "losses": losses, "optimizer": optimizer_info,
             "scheduler": scheduler_state, "scaler": scaler.state_dict(), "python_random": random.getstate(),
+            **(extra or {}),
         }))
         files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
         write_json_atomic(staging / "manifest.json", {"step": step, "files": {f: sha256_file(staging / f) for f in files}})

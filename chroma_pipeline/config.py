@@ -94,6 +94,7 @@ class ChromaConfig(BaseModel):
     seed: int = 42
     checkpointing_steps: int = Field(500, ge=1)
     checkpoints_total_limit: int | None = Field(None, ge=1)  # keep only the newest N checkpoints
+    validation_loss_share: float = Field(0.0, ge=0.0, lt=1.0)  # samples held out of training to measure overfitting
 
     # --- validation ---------------------------------------------------------------
     validation_prompt: str | list[str] | None = "a photo of a cat"

@@ -37,7 +37,7 @@ from .text import encode_texts, load_embedding, read_embedding_index, write_embe
 TRAINING_KEYS = (
     "network_rank", "lora_alpha", "flux_lora_target", "learning_rate", "lr_scheduler", "lr_warmup_steps",
     "max_grad_norm", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "mixed_precision",
-    "seed", "caption_dropout_probability",
+    "seed", "caption_dropout_probability", "validation_loss_share",
 )
 VALIDATION_KEYS = (
     "validation_prompts", "validation_negative_prompt", "validation_seed", "validation_guidance_real",
@@ -408,7 +408,10 @@ def build_adapter(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=
     if adapter.is_file() and (folder / "loss_history.json").is_file():
         log(f"reusing trained adapter {folder}: same data, base model and settings")
         losses = json.loads((folder / "loss_history.json").read_text())
-        return StepResult(key, adapter, {"steps": len(losses), "losses": losses, "reused": True})
+        held_out = folder / "validation_loss.json"
+        validation = json.loads(held_out.read_text()) if held_out.is_file() else []
+        return StepResult(key, adapter, {"steps": len(losses), "losses": losses, "validation_losses": validation,
+                                         "reused": True})
 
     precision, _reason = resolve_precision(config, layout, model_dir, device)
     needs = precision_estimates(config, model_dir, device)[precision]
@@ -432,6 +435,7 @@ def build_adapter(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=
         "steps": result.steps, "losses": result.losses, "seconds": result.seconds,
         "trainable_parameters": result.trainable_parameters, "peak_memory_bytes": device.peak_memory_bytes(),
         "reused": False, "resumed_from": result.extra["resumed_from"],
+        "validation_losses": result.extra["validation_losses"],
     }
     return StepResult(key, adapter, stats)
 

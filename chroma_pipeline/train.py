@@ -8,6 +8,7 @@ Runs in-process under Dagster (`lora_adapter` calls `train_lora`) or on its own:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import random
@@ -63,6 +64,50 @@ def bucket_batches(samples: list[TrainingSample], batch_size: int, seed: int):
         rng.shuffle(batches)
         yield from batches
         epoch += 1
+
+
+# Held-out loss is measured at these sigmas with noise fixed by the seed, so the number moves
+# only when the adapter does: comparable across evaluations, runs and retrains.
+HELD_OUT_SIGMAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def split_held_out(samples: list[TrainingSample], share: float, seed: int):
+    """(training samples, held-out samples): a stable `share`, chosen by image content, so renames keep the split."""
+    if share <= 0:
+        return samples, []
+    ranked = sorted(samples, key=lambda s: hashlib.sha256(f"{seed}:{s.latent.image_sha256}".encode()).hexdigest())
+    count = max(1, round(share * len(samples)))
+    if count >= len(samples):
+        raise ValueError(f"validation_loss_share {share} of {len(samples)} samples leaves none to train on")
+    held = {id(s) for s in ranked[:count]}
+    return [s for s in samples if id(s) not in held], [s for s in samples if id(s) in held]
+
+
+@torch.no_grad()
+def held_out_loss(transformer, held: list[TrainingSample], load: dict, seed: int, device: str, dtype) -> float:
+    """The flow-matching loss on samples training never sees, at fixed sigmas and fixed noise."""
+    generator = torch.Generator().manual_seed(seed)  # the same posterior draws and noise at every evaluation
+    total = 0.0
+    for index in range(len(held)):
+        x0, prompt_embeds, text_mask = _load_batch([index], **{**load, "samples": held, "generator": generator})
+        latents = pack_latents(x0)
+        image_ids = image_position_ids(x0.shape[2], x0.shape[3])
+        for sigma in HELD_OUT_SIGMAS:
+            noise = torch.randn(latents.shape, generator=generator).to(device)
+            sigmas = torch.full((1,), sigma, device=device)
+            with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
+                velocity = predict_velocity(transformer, add_noise(latents, noise, sigmas).to(dtype), sigmas,
+                                            prompt_embeds, text_mask, image_ids)
+            total += F.mse_loss(velocity.float(), flow_target(latents, noise).float()).item()
+    return total / (len(held) * len(HELD_OUT_SIGMAS))
+
+
+def _memory_in_use(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+    import psutil
+
+    return f"RSS {psutil.Process().memory_info().rss / 2**30:.1f} GiB"
 
 
 def _load_batch(batch, samples, latent_store, embedding_dir, vae_config, text_width, max_length, device, dtype, generator):
@@ -134,6 +179,9 @@ def train_lora(
     )
     scaler = torch.amp.GradScaler(enabled=dtype == torch.float16)
     device_type = torch.device(device).type
+    samples, held = split_held_out(samples, config.validation_loss_share, config.seed)
+    if held:
+        log(f"{len(held)} of {len(samples) + len(held)} samples held out for the validation loss")
     batches = bucket_batches(samples, config.train_batch_size, config.seed)
     load = dict(
         samples=samples, latent_store=ShardStore(latent_dir), embedding_dir=embedding_dir, vae_config=vae_config,
@@ -144,6 +192,7 @@ def train_lora(
         raise RuntimeError("the empty-caption embedding (for caption dropout) is missing: re-materialize text_embeddings")
 
     losses: list[float] = []
+    validation_losses: list[list] = []  # [step, held-out loss]
     progress = {}
     first_step, drawn, resumed_from = 1, 0, None
     live = dict(transformer=transformer, optimizer=optimizer, scheduler=lr_scheduler, scaler=scaler, generator=generator)
@@ -151,6 +200,7 @@ def train_lora(
     if checkpoint is not None:
         state = restore_checkpoint(checkpoint, **live)
         losses, resumed_from = state["losses"], state["step"]
+        validation_losses = state.get("validation_losses", [])
         first_step, drawn = state["step"] + 1, state["batches_drawn"]
         for _ in range(drawn):  # the sampler continues where it was, mid-epoch included
             next(batches)
@@ -199,8 +249,14 @@ def train_lora(
             rate = (step - first_step + 1) / elapsed
             log(
                 f"step {step}/{config.max_train_steps} loss {step_loss:.4f} lr {lr_scheduler.get_last_lr()[0]:.2e} "
-                f"{rate:.2f} steps/s ETA {(config.max_train_steps - step) / rate:.0f}s"
+                f"{rate:.2f} steps/s ETA {(config.max_train_steps - step) / rate:.0f}s {_memory_in_use(device)}"
             )
+        evaluate_now = config.validation_every and step % config.validation_every == 0
+        if held and (evaluate_now or step == config.max_train_steps):
+            transformer.eval()
+            validation_losses.append([step, held_out_loss(transformer, held, load, config.seed, device, dtype)])
+            transformer.train()
+            log(f"step {step}: validation loss {validation_losses[-1][1]:.4f} on {len(held)} held-out samples")
         if render_progress is not None and config.validation_every and step % config.validation_every == 0:
             transformer.eval()
             with torch.no_grad():
@@ -208,7 +264,7 @@ def train_lora(
             transformer.train()
         if checkpoint_dir and step % config.checkpointing_steps == 0 and step < config.max_train_steps:
             save_checkpoint(checkpoint_dir, step, **live, batches_drawn=drawn, losses=losses, progress=progress,
-                            keep_last=config.checkpoints_total_limit)
+                            keep_last=config.checkpoints_total_limit, extra={"validation_losses": validation_losses})
             log(f"checkpoint saved at step {step}")
 
     transformer.eval()
@@ -216,6 +272,7 @@ def train_lora(
     with atomic_dir(output_dir) as staging:
         save_adapter(transformer, staging)
         (staging / "loss_history.json").write_text(json.dumps(losses))
+        (staging / "validation_loss.json").write_text(json.dumps(validation_losses))
         for step, picture in progress.items():
             (staging / "progress").mkdir(exist_ok=True)
             picture.save(staging / "progress" / f"step_{step:06d}.png")
@@ -225,7 +282,7 @@ def train_lora(
         steps=config.max_train_steps,
         seconds=time.perf_counter() - started,
         trainable_parameters=sum(p.numel() for p in trainable),
-        extra={"resumed_from": resumed_from},
+        extra={"resumed_from": resumed_from, "validation_losses": validation_losses},
     )
 
 
