@@ -81,7 +81,9 @@ class ChromaConfig(BaseModel):
     # --- LoRA and optimisation ----------------------------------------------------
     network_rank: int = Field(16, ge=1)
     lora_alpha: float | None = Field(None, gt=0)
-    flux_lora_target: Literal["all", "all+ffs", "context", "context+ffs", "tiny", "nano"] = "all"
+    flux_lora_target: Literal["all", "all+ffs", "context", "context+ffs", "tiny", "nano"] | list[str] = "all"
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    init_lora: str | None = None  # a diffusers-format LoRA to start from (same rank and targets)
     learning_rate: float = Field(1e-4, gt=0)
     lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear"] = "constant"
     lr_warmup_steps: int = Field(0, ge=0)
@@ -89,6 +91,10 @@ class ChromaConfig(BaseModel):
     train_batch_size: int = Field(1, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_train_steps: int = Field(1000, ge=1)
+    num_train_epochs: int | None = Field(None, ge=1)  # when set, replaces max_train_steps: epochs over the dataset
+    repeats: int = Field(0, ge=0)  # extra times each image is seen per epoch (SimpleTuner's meaning: 0 = once)
+    optimizer: Literal["adamw", "adamw8bit", "adafactor"] = "adamw"
+    adam_weight_decay: float = Field(1e-2, ge=0.0)
     mixed_precision: Literal["bf16", "fp16", "no"] = "bf16"
     gradient_checkpointing: bool = True
     seed: int = 42
@@ -265,11 +271,14 @@ def load_config(path: str | Path, **overrides: Any) -> ChromaConfig:
     # SimpleTuner's config.json writes its keys as command-line flags ("--model_family").
     values = {str(key).removeprefix("--"): value for key, value in values.items()}
     values.update(overrides)
-    for key in ("instance_data_dir", "output_dir", "user_prompt_library"):  # written or defaulted, relative to the file
+    # Written or defaulted, paths are relative to the config file.
+    for key in ("instance_data_dir", "output_dir", "user_prompt_library", "init_lora"):
         value = values.get(key, ChromaConfig.model_fields[key].default)
         if isinstance(value, str) and not Path(value).expanduser().is_absolute():  # (None stays None)
             values[key] = str((path.parent / value).resolve())
     config = config_from_dict(values, source=str(path))
+    if config.init_lora and not Path(config.init_lora).is_file():
+        raise ConfigError(f"{path}: `init_lora` = {config.init_lora!r} is not a file; give a pytorch_lora_weights.safetensors")
     data, output = Path(config.instance_data_dir).resolve(), Path(config.output_dir).resolve()
     if output.is_relative_to(data):
         raise ConfigError(

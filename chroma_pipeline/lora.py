@@ -32,8 +32,17 @@ def _escape(name: str) -> str:
     return name.replace(".", r"\.")
 
 
-def target_modules(preset: str, num_single_layers: int) -> str:
-    """A peft `target_modules` regex for a `flux_lora_target` preset."""
+def target_modules(preset: str | list[str], num_single_layers: int) -> str:
+    """A peft `target_modules` regex for a `flux_lora_target` preset, or for an explicit list of module names.
+
+    A list names diffusers modules: full names (`transformer_blocks.0.attn.to_q`) or the part
+    after the block index (`attn.to_q`, `proj_mlp`), which then applies to every block.
+    """
+    if isinstance(preset, list):
+        full = [_escape(name) for name in preset if "blocks." in name]
+        inner = [_escape(name) for name in preset if "blocks." not in name]
+        parts = ([rf"(single_)?transformer_blocks\.\d+\.({'|'.join(inner)})"] if inner else []) + full
+        return "^(" + "|".join(parts) + ")$"
     if preset == "all":
         return _pattern(IMAGE_ATTENTION + TEXT_ATTENTION, SINGLE_ATTENTION)
     if preset == "all+ffs":
@@ -51,7 +60,7 @@ def target_modules(preset: str, num_single_layers: int) -> str:
     raise ValueError(f"unknown flux_lora_target {preset!r}")
 
 
-def lora_config(rank: int, alpha: float, preset: str, num_single_layers: int, dropout: float = 0.0):
+def lora_config(rank: int, alpha: float, preset: str | list[str], num_single_layers: int, dropout: float = 0.0):
     from peft import LoraConfig
 
     return LoraConfig(
@@ -61,6 +70,28 @@ def lora_config(rank: int, alpha: float, preset: str, num_single_layers: int, dr
         init_lora_weights="gaussian",
         target_modules=target_modules(preset, num_single_layers),
     )
+
+
+def load_initial_adapter(transformer, path: Path) -> int:
+    """Start from an existing diffusers-format LoRA (`init_lora`): its A and B replace the fresh ones.
+
+    Returns how many tensors were loaded; every LoRA tensor of the model must be in the file
+    with the same shape, so a rank or target mismatch is an error, not a silent partial start.
+    """
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    loaded = {k.removeprefix("transformer."): v for k, v in load_file(str(path)).items() if k.startswith("transformer.")}
+    expected = get_peft_model_state_dict(transformer)
+    missing = sorted(expected.keys() - loaded.keys())
+    wrong = sorted(k for k in expected.keys() & loaded.keys() if expected[k].shape != loaded[k].shape)
+    if missing or wrong or not loaded:
+        raise ValueError(
+            f"init_lora {path} does not fit this LoRA (network_rank, flux_lora_target): "
+            f"{len(missing)} tensors missing (e.g. {missing[:2]}), {len(wrong)} with another shape (e.g. {wrong[:2]})"
+        )
+    set_peft_model_state_dict(transformer, {k: loaded[k] for k in expected})
+    return len(expected)
 
 
 def save_adapter(transformer, folder: Path) -> Path:

@@ -37,7 +37,8 @@ from .text import encode_texts, load_embedding, read_embedding_index, write_embe
 TRAINING_KEYS = (
     "network_rank", "lora_alpha", "flux_lora_target", "learning_rate", "lr_scheduler", "lr_warmup_steps",
     "max_grad_norm", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "mixed_precision",
-    "seed", "caption_dropout_probability", "validation_loss_share",
+    "seed", "caption_dropout_probability", "validation_loss_share", "lora_dropout", "init_lora", "num_train_epochs",
+    "repeats", "optimizer", "adam_weight_decay",
 )
 VALIDATION_KEYS = (
     "validation_prompts", "validation_negative_prompt", "validation_seed", "validation_guidance_real",
@@ -394,7 +395,8 @@ def adapter_key(config: ChromaConfig, model_dir: Path, device: DeviceInfo, sampl
     pairs = sorted(f"{s.latent.cache_key}:{s.embedding_key}" for s in samples)
     precision, _reason = resolve_precision(config, Layout(Path(config.output_dir).resolve()), model_dir, device)
     base = quantized_key(config, model_dir, device, precision)
-    return combine_hashes(*pairs, empty_key, base, config.settings_hash(*TRAINING_KEYS))
+    start = models.weights_digest(Path(config.init_lora)) if config.init_lora else ""  # its content, not its name
+    return combine_hashes(*pairs, empty_key, base, start, config.settings_hash(*TRAINING_KEYS))
 
 
 def build_adapter(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=print) -> StepResult:
@@ -444,7 +446,7 @@ def _progress_renderer(config: ChromaConfig, layout: Layout, model_dir: Path, de
     """Renders the validation prompts with the LoRA being trained; the VAE loads at the first render."""
     from .grid import make_pipeline, progress_strip, render
 
-    if not config.validation_every or config.validation_every > config.max_train_steps:
+    if not config.validation_every:
         return None
     try:
         prompts, embeddings, negative = validation_embeddings(config, layout, model_dir)

@@ -25,7 +25,7 @@ from .checkpoints import newest_usable, restore_checkpoint, save_checkpoint
 from .config import ChromaConfig
 from .flow import add_noise, flow_target, image_position_ids, pack_latents, predict_velocity, sample_sigmas
 from .latents import LatentEntry, load_latent_entry, scale_latents
-from .lora import lora_config, save_adapter
+from .lora import load_initial_adapter, lora_config, save_adapter
 from .shards import ShardStore
 from .storage import atomic_dir
 from .text import load_embedding
@@ -48,11 +48,11 @@ class TrainingResult:
     extra: dict = field(default_factory=dict)
 
 
-def bucket_batches(samples: list[TrainingSample], batch_size: int, seed: int):
-    """Endless batches, each from a single bucket; every sample appears once per epoch."""
+def bucket_batches(samples: list[TrainingSample], batch_size: int, seed: int, repeats: int = 0):
+    """Endless batches, each from a single bucket; every sample appears 1 + `repeats` times per epoch."""
     by_bucket: dict[tuple[int, int], list[int]] = defaultdict(list)
     for index, sample in enumerate(samples):
-        by_bucket[(sample.latent.bucket_width, sample.latent.bucket_height)].append(index)
+        by_bucket[(sample.latent.bucket_width, sample.latent.bucket_height)] += [index] * (1 + repeats)
     epoch = 0
     while True:
         rng = random.Random(seed * 1_000_003 + epoch)
@@ -64,6 +64,32 @@ def bucket_batches(samples: list[TrainingSample], batch_size: int, seed: int):
         rng.shuffle(batches)
         yield from batches
         epoch += 1
+
+
+def total_steps(config: ChromaConfig, samples: list[TrainingSample]) -> int:
+    """`max_train_steps`, or `num_train_epochs` passes over the samples (with repeats) when that is set."""
+    if config.num_train_epochs is None:
+        return config.max_train_steps
+    per_bucket = defaultdict(int)
+    for sample in samples:
+        per_bucket[(sample.latent.bucket_width, sample.latent.bucket_height)] += 1 + config.repeats
+    batches = sum(math.ceil(count / config.train_batch_size) for count in per_bucket.values())
+    return config.num_train_epochs * math.ceil(batches / config.gradient_accumulation_steps)
+
+
+def make_optimizer(config: ChromaConfig, parameters, device: str):
+    if config.optimizer == "adamw8bit":
+        if torch.device(device).type != "cuda":
+            raise RuntimeError(
+                f"optimizer 'adamw8bit' needs bitsandbytes on a CUDA or ROCm GPU, and this run is on {device}; "
+                "use 'adamw' (or 'adafactor' for less optimizer memory)"
+            )
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(parameters, lr=config.learning_rate, weight_decay=config.adam_weight_decay)
+    if config.optimizer == "adafactor":
+        return torch.optim.Adafactor(parameters, lr=config.learning_rate, weight_decay=config.adam_weight_decay)
+    return torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.adam_weight_decay)
 
 
 # Held-out loss is measured at these sigmas with noise fixed by the seed, so the number moves
@@ -164,8 +190,10 @@ def train_lora(
     transformer.requires_grad_(False)
     transformer.add_adapter(
         lora_config(config.network_rank, config.lora_alpha_value, config.flux_lora_target,
-                    transformer.config.num_single_layers)
+                    transformer.config.num_single_layers, dropout=config.lora_dropout)
     )
+    if config.init_lora:
+        log(f"starting from {config.init_lora}: {load_initial_adapter(transformer, Path(config.init_lora))} tensors")
     trainable = [p for p in transformer.parameters() if p.requires_grad]
     for p in trainable:
         p.data = p.data.float()  # LoRA weights train in fp32 even when the base computes in bf16/fp16
@@ -173,16 +201,16 @@ def train_lora(
         transformer.enable_gradient_checkpointing()
     transformer.to(device).train()
 
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=1e-2)
-    lr_scheduler = get_scheduler(
-        config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=config.max_train_steps
-    )
+    optimizer = make_optimizer(config, trainable, device)
     scaler = torch.amp.GradScaler(enabled=dtype == torch.float16)
     device_type = torch.device(device).type
     samples, held = split_held_out(samples, config.validation_loss_share, config.seed)
     if held:
         log(f"{len(held)} of {len(samples) + len(held)} samples held out for the validation loss")
-    batches = bucket_batches(samples, config.train_batch_size, config.seed)
+    steps = total_steps(config, samples)
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
+                                 num_training_steps=steps)
+    batches = bucket_batches(samples, config.train_batch_size, config.seed, config.repeats)
     load = dict(
         samples=samples, latent_store=ShardStore(latent_dir), embedding_dir=embedding_dir, vae_config=vae_config,
         text_width=text_width, max_length=config.tokenizer_max_length, device=device, dtype=dtype, generator=generator,
@@ -206,9 +234,9 @@ def train_lora(
             next(batches)
         for path in sorted((checkpoint / "progress").glob("step_*.png")):
             progress[int(path.stem.split("_")[1])] = Image.open(path).convert("RGB")
-        log(f"resuming from checkpoint {checkpoint.name}: step {resumed_from} of {config.max_train_steps} done")
+        log(f"resuming from checkpoint {checkpoint.name}: step {resumed_from} of {steps} done")
     started = time.perf_counter()
-    for step in range(first_step, config.max_train_steps + 1):
+    for step in range(first_step, steps + 1):
         step_loss = 0.0
         for _ in range(config.gradient_accumulation_steps):
             x0, prompt_embeds, text_mask = _load_batch(next(batches), **load)
@@ -244,15 +272,15 @@ def train_lora(
                 "or use mixed_precision bf16 instead of fp16"
             )
         losses.append(step_loss)
-        if step % log_every == 0 or step == config.max_train_steps:
+        if step % log_every == 0 or step == steps:
             elapsed = time.perf_counter() - started
             rate = (step - first_step + 1) / elapsed
             log(
-                f"step {step}/{config.max_train_steps} loss {step_loss:.4f} lr {lr_scheduler.get_last_lr()[0]:.2e} "
-                f"{rate:.2f} steps/s ETA {(config.max_train_steps - step) / rate:.0f}s {_memory_in_use(device)}"
+                f"step {step}/{steps} loss {step_loss:.4f} lr {lr_scheduler.get_last_lr()[0]:.2e} "
+                f"{rate:.2f} steps/s ETA {(steps - step) / rate:.0f}s {_memory_in_use(device)}"
             )
         evaluate_now = config.validation_every and step % config.validation_every == 0
-        if held and (evaluate_now or step == config.max_train_steps):
+        if held and (evaluate_now or step == steps):
             transformer.eval()
             validation_losses.append([step, held_out_loss(transformer, held, load, config.seed, device, dtype)])
             transformer.train()
@@ -262,7 +290,7 @@ def train_lora(
             with torch.no_grad():
                 progress[step] = render_progress(transformer, step)
             transformer.train()
-        if checkpoint_dir and step % config.checkpointing_steps == 0 and step < config.max_train_steps:
+        if checkpoint_dir and step % config.checkpointing_steps == 0 and step < steps:
             save_checkpoint(checkpoint_dir, step, **live, batches_drawn=drawn, losses=losses, progress=progress,
                             keep_last=config.checkpoints_total_limit, extra={"validation_losses": validation_losses})
             log(f"checkpoint saved at step {step}")
@@ -279,7 +307,7 @@ def train_lora(
     return TrainingResult(
         adapter_path=output_dir / "pytorch_lora_weights.safetensors",
         losses=losses,
-        steps=config.max_train_steps,
+        steps=steps,
         seconds=time.perf_counter() - started,
         trainable_parameters=sum(p.numel() for p in trainable),
         extra={"resumed_from": resumed_from, "validation_losses": validation_losses},

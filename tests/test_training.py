@@ -5,7 +5,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from dagster import DagsterInstance
+from safetensors.torch import load_file
 
 import chroma_pipeline.train as train_module
 from assets.definitions import materialize_chain
@@ -60,3 +62,60 @@ def test_the_split_is_stable_by_content_and_never_empties_training():
     assert split_held_out(samples, 0.0, seed=42) == (samples, [])
     with pytest.raises(ValueError, match="leaves none to train on"):
         split_held_out(samples[:1], 0.5, seed=42)
+
+
+def test_repeats_and_epochs_decide_what_an_epoch_is():
+    from chroma_pipeline.config import config_from_dict
+    from chroma_pipeline.latents import LatentEntry
+    from chroma_pipeline.train import TrainingSample, bucket_batches, total_steps
+
+    square = [TrainingSample(LatentEntry(f"s{i}.png", f"s{i}", 64, 64, f"s{i}"), "e") for i in range(3)]
+    wide = [TrainingSample(LatentEntry(f"w{i}.png", f"w{i}", 128, 64, f"w{i}"), "e") for i in range(2)]
+    samples = square + wide
+    batches = bucket_batches(samples, batch_size=2, seed=1, repeats=2)
+    first_epoch = [next(batches) for _ in range(5 + 3)]  # ceil(9 / 2) + ceil(6 / 2)
+    seen = sorted(i for batch in first_epoch for i in batch)
+    assert seen == sorted(list(range(5)) * 3)  # every sample 1 + repeats times
+    assert all(len({samples[i].latent.bucket_width for i in batch}) == 1 for batch in first_epoch)  # one bucket per batch
+    config = config_from_dict({"num_train_epochs": 4, "repeats": 2, "train_batch_size": 2, "gradient_accumulation_steps": 2})
+    assert total_steps(config, samples) == 4 * 4  # 8 batches an epoch, 2 per step
+    assert total_steps(config_from_dict({"max_train_steps": 7}), samples) == 7
+
+
+def test_adamw8bit_on_a_cpu_says_what_to_use_instead():
+    from chroma_pipeline.config import config_from_dict
+    from chroma_pipeline.train import make_optimizer
+
+    with pytest.raises(RuntimeError, match="needs bitsandbytes on a CUDA or ROCm GPU.*use 'adamw'"):
+        make_optimizer(config_from_dict({"optimizer": "adamw8bit"}), [torch.nn.Parameter(torch.zeros(2))], "cpu")
+
+
+def test_dropout_optimizer_targets_and_starting_from_an_existing_lora(small_project, tmp_path):
+    from safetensors import safe_open
+
+    from chroma_pipeline.config import load_config
+    from chroma_pipeline.device import detect_device
+    from chroma_pipeline.steps import build_adapter
+
+    caches = ["raw_dataset/images", "raw_dataset/captions", "image_latents", "text_embeddings", "quantized_base_model"]
+    assert materialize_chain(str(small_project), DagsterInstance.ephemeral(), selection=caches, device="cpu").success
+    values = {**json.loads(small_project.read_text()), "max_train_steps": 3, "validation_steps": 0}
+
+    def train(**settings):
+        config = load_config(write_config(small_project, {**values, **settings}))
+        result = build_adapter(config, Layout(Path(config.output_dir)), detect_device("cpu"), log=lambda _m: None)
+        return result.path, load_file(result.path)
+
+    path, weights = train(optimizer="adafactor", lora_dropout=0.1, flux_lora_target=["attn.to_q", "attn.to_v"])
+    assert weights and all(".to_q." in k or ".to_v." in k for k in weights)
+    assert any(k.startswith("transformer.single_transformer_blocks.") for k in weights)
+    with safe_open(path, "pt") as handle:
+        assert json.loads(handle.metadata()["lora_adapter_metadata"])["transformer.lora_dropout"] == 0.1
+
+    # init_lora: the new run starts from those weights (a vanishing learning rate leaves them unchanged).
+    _, started = train(flux_lora_target=["attn.to_q", "attn.to_v"], init_lora=str(path), learning_rate=1e-30)
+    assert started.keys() == weights.keys()
+    for name in weights:
+        torch.testing.assert_close(started[name], weights[name])
+    with pytest.raises(ValueError, match="does not fit this LoRA"):
+        train(init_lora=str(path), learning_rate=1e-30)  # the default targets have layers the file lacks
