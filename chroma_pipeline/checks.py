@@ -164,6 +164,7 @@ def adapter_changes_output(config: ChromaConfig, layout, device: DeviceInfo, ada
 def _adapter_changes_output(config: ChromaConfig, layout, device: DeviceInfo, adapter: Path) -> CheckOutcome:
     from safetensors import safe_open
 
+    from .lora import apply_adapter
     from .steps import _model_dir, load_base_transformer
 
     with safe_open(adapter, "pt") as file:
@@ -171,7 +172,7 @@ def _adapter_changes_output(config: ChromaConfig, layout, device: DeviceInfo, ad
     dtype = device.compute_dtype(config.mixed_precision)
     transformer = load_base_transformer(config, layout, _model_dir(config, layout), device)
     before = probe_output(transformer, device, dtype)
-    transformer.load_lora_adapter(str(adapter), prefix="transformer", adapter_name="check")
+    apply_adapter(transformer, adapter, "check")
     after = probe_output(transformer, device, dtype)
     applied = sum(1 for module in transformer.modules() if "check" in getattr(module, "lora_A", {}))
     del transformer

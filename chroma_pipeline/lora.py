@@ -72,6 +72,21 @@ def lora_config(rank: int, alpha: float, preset: str | list[str], num_single_lay
     )
 
 
+def apply_adapter(transformer, path: Path, adapter_name: str) -> None:
+    """Load a LoRA file (ours, kohya/ComfyUI, ...) onto `transformer`, the way ChromaPipeline.load_lora_weights does.
+
+    The pipeline's own method looks up `<layer>.weight` to reshape Flux LoRAs and raises
+    KeyError on a quanto model (its weights are `weight._data`); its two halves work on any
+    model: the classmethod reads and converts the file (alpha tensors included), the
+    transformer applies it.
+    """
+    from diffusers import ChromaPipeline
+
+    state, alphas, metadata = ChromaPipeline.lora_state_dict(str(path), return_alphas=True, return_lora_metadata=True)
+    transformer.load_lora_adapter(state, network_alphas=alphas or None, metadata=metadata or None,
+                                  prefix="transformer", adapter_name=adapter_name)
+
+
 def load_initial_adapter(transformer, path: Path) -> int:
     """Start from an existing diffusers-format LoRA (`init_lora`): its A and B replace the fresh ones.
 
@@ -94,21 +109,87 @@ def load_initial_adapter(transformer, path: Path) -> int:
     return len(expected)
 
 
-def save_adapter(transformer, folder: Path) -> Path:
-    """Write `pytorch_lora_weights.safetensors` in the layout ChromaPipeline.load_lora_weights reads.
+# diffusers module (after the block index) -> original (BFL) module, for the kohya / ComfyUI layout.
+# Fused BFL modules take several diffusers modules stacked along the output dimension, in this order.
+DOUBLE_FUSED = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+                "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}
+DOUBLE_PLAIN = {"attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj", "ff.net.0.proj": "img_mlp.0",
+                "ff.net.2": "img_mlp.2", "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2"}
+SINGLE_FUSED = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}
+SINGLE_PLAIN = {"proj_out": "linear2"}
 
-    The LoRA config travels in the file's metadata, so loaders get rank, alpha and targets
-    from it instead of guessing alpha from the tensor shapes.
+
+def kohya_layout(state: dict[str, torch.Tensor], transformer, alpha: float) -> dict[str, torch.Tensor]:
+    """The adapter with BFL module names under `lora_unet_`, `lora_down`/`lora_up` and an `alpha` per module.
+
+    A fused module gets down = the parts' A stacked, up = their B placed block-diagonally (zero
+    rows for a part that has no LoRA), and alpha scaled by the number of parts: loaders scale by
+    alpha / rows-of-down, so each part keeps the trained alpha / rank. Every part's delta is
+    then exactly its B @ A * alpha / rank.
+    """
+    rank = next(v for k, v in state.items() if k.endswith("lora_A.weight")).shape[0]
+    out: dict[str, torch.Tensor] = {}
+
+    def module(block: str, name: str):
+        return transformer.get_submodule(f"{block}.{name}")
+
+    def emit(key: str, down: torch.Tensor, up: torch.Tensor, parts: int) -> None:
+        out[f"{key}.lora_down.weight"], out[f"{key}.lora_up.weight"] = down.contiguous(), up.contiguous()
+        out[f"{key}.alpha"] = torch.tensor(float(alpha * parts))
+
+    groups = [(f"transformer_blocks.{i}", f"lora_unet_double_blocks_{i}", DOUBLE_FUSED, DOUBLE_PLAIN)
+              for i in range(len(transformer.transformer_blocks))]
+    groups += [(f"single_transformer_blocks.{i}", f"lora_unet_single_blocks_{i}", SINGLE_FUSED, SINGLE_PLAIN)
+               for i in range(len(transformer.single_transformer_blocks))]
+    for block, kohya, fused, plain in groups:
+        for bfl, parts in fused.items():
+            present = [p for p in parts if f"{block}.{p}.lora_A.weight" in state]
+            if not present:
+                continue
+            downs = [state[f"{block}.{p}.lora_A.weight"] for p in present]
+            sizes = [module(block, p).out_features for p in parts]
+            up = torch.zeros(sum(sizes), rank * len(present))
+            row = 0
+            for part, size in zip(parts, sizes, strict=True):
+                if part in present:
+                    column = present.index(part) * rank
+                    up[row : row + size, column : column + rank] = state[f"{block}.{part}.lora_B.weight"]
+                row += size
+            emit(f"{kohya}_{bfl.replace('.', '_')}", torch.cat(downs), up, len(present))
+        for ours, bfl in plain.items():
+            if f"{block}.{ours}.lora_A.weight" in state:
+                emit(f"{kohya}_{bfl.replace('.', '_')}", state[f"{block}.{ours}.lora_A.weight"],
+                     state[f"{block}.{ours}.lora_B.weight"], 1)
+    exported = {k for k in state if k.startswith(("transformer_blocks.", "single_transformer_blocks."))}
+    if len(exported) != len(state):
+        raise ValueError(f"no kohya name for {sorted(set(state) - exported)[:3]}")
+    return out
+
+
+def save_adapter(transformer, folder: Path) -> Path:
+    """Write the adapter twice: `pytorch_lora_weights.safetensors` (diffusers) and `..._kohya.safetensors` (ComfyUI).
+
+    Tools that ignore the safetensors header (ComfyUI) apply alpha / rank from `alpha` tensors,
+    or 1 without them. So when lora_alpha = rank the diffusers file carries the LoRA config in
+    its header (scale 1 everywhere); otherwise it carries an `alpha` tensor per module instead
+    (diffusers refuses both at once, and reads the tensors just as well).
     """
     from diffusers import ChromaPipeline
     from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
 
+    config = transformer.peft_config["default"]
     state = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in get_peft_model_state_dict(transformer).items()}
+    alphas = {k.replace(".lora_A.weight", ".alpha"): torch.tensor(float(config.lora_alpha))
+              for k in state if k.endswith(".lora_A.weight")}
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    ChromaPipeline.save_lora_weights(
-        folder,
-        transformer_lora_layers=state,
-        transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
-    )
+    if config.lora_alpha == config.r:
+        ChromaPipeline.save_lora_weights(folder, transformer_lora_layers=state,
+                                         transformer_lora_adapter_metadata=config.to_dict())
+    else:
+        save_file({f"transformer.{k}": v for k, v in {**state, **alphas}.items()},
+                  str(folder / "pytorch_lora_weights.safetensors"), metadata={"format": "pt"})
+    save_file(kohya_layout(state, transformer, config.lora_alpha), str(folder / "pytorch_lora_weights_kohya.safetensors"),
+              metadata={"ss_network_dim": str(config.r), "ss_network_alpha": str(config.lora_alpha)})
     return folder / "pytorch_lora_weights.safetensors"

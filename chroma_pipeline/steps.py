@@ -497,6 +497,7 @@ def build_grid(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=pri
     from PIL import Image
 
     from .grid import adapter_is_active, assemble_grid, make_pipeline, render, stack
+    from .lora import apply_adapter
 
     model_dir = _model_dir(config, layout)
     key_adapter = adapter_key(config, model_dir, device, *training_samples(layout))
@@ -527,10 +528,7 @@ def build_grid(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=pri
     )
     log(f"rendering {len(prompts)} prompts x {len(config.validation_seeds)} seeds, base model")
     cells = render(pipe, "base", **options)
-    # ChromaPipeline.load_lora_weights looks up `<layer>.weight` to reshape Flux LoRAs and
-    # raises KeyError on a quanto model (its weights are `weight._data`); the transformer's
-    # own loader is the step after that lookup and needs no base weight.
-    pipe.transformer.load_lora_adapter(str(adapter), prefix="transformer", adapter_name="validation")
+    apply_adapter(pipe.transformer, adapter, "validation")
     if not adapter_is_active(pipe.transformer):
         raise RuntimeError(f"{adapter} loaded but changed no layer of the transformer: its keys match nothing")
     log("rendering with the LoRA")
