@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-WIDTH = dict(num_layers=2, num_single_layers=4, attention_head_dim=128, num_attention_heads=4)
+WIDTH = dict(num_layers=2, num_single_layers=4, attention_head_dim=128, num_attention_heads=4, axes_dims_rope=[16, 56, 56])
 WARMUP = 5
 
 
