@@ -20,6 +20,7 @@ from dagster import (
     AutomationConditionSensorDefinition,
     DefaultSensorStatus,
     Definitions,
+    PipesSubprocessClient,
     define_asset_job,
     definitions,
     in_process_executor,
@@ -46,6 +47,7 @@ def make_resources(config_path: str | None = None, device: str | None = None) ->
         "chroma": ChromaConfigResource(config_path=config_path or os.environ.get("CHROMA_CONFIG", DEFAULT_CONFIG)),
         "gpu": GPUResource(device=device or os.environ.get("CHROMA_DEVICE", "auto")),
         "store": ArtifactStore(),
+        "pipes": PipesSubprocessClient(),  # multi-process training (num_processes > 1)
     }
 
 

@@ -94,6 +94,7 @@ class ChromaConfig(BaseModel):
     num_train_epochs: int | None = Field(None, ge=1)  # when set, replaces max_train_steps: epochs over the dataset
     repeats: int = Field(0, ge=0)  # extra times each image is seen per epoch (SimpleTuner's meaning: 0 = once)
     optimizer: Literal["adamw", "adamw8bit", "adafactor"] = "adamw"
+    num_processes: int = Field(1, ge=1)  # >1: lora_adapter launches `accelerate launch` (DDP, one GPU per process)
     adam_weight_decay: float = Field(1e-2, ge=0.0)
     mixed_precision: Literal["bf16", "fp16", "no"] = "bf16"
     gradient_checkpointing: bool = True

@@ -38,7 +38,7 @@ TRAINING_KEYS = (
     "network_rank", "lora_alpha", "flux_lora_target", "learning_rate", "lr_scheduler", "lr_warmup_steps",
     "max_grad_norm", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "mixed_precision",
     "seed", "caption_dropout_probability", "validation_loss_share", "lora_dropout", "init_lora", "num_train_epochs",
-    "repeats", "optimizer", "adam_weight_decay",
+    "repeats", "optimizer", "adam_weight_decay", "num_processes",
 )
 VALIDATION_KEYS = (
     "validation_prompts", "validation_negative_prompt", "validation_seed", "validation_guidance_real",
@@ -399,7 +399,16 @@ def adapter_key(config: ChromaConfig, model_dir: Path, device: DeviceInfo, sampl
     return combine_hashes(*pairs, empty_key, base, start, config.settings_hash(*TRAINING_KEYS))
 
 
-def build_adapter(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=print) -> StepResult:
+def existing_adapter(config: ChromaConfig, layout: Layout, device: DeviceInfo) -> Path | None:
+    """The adapter for the current data and settings if one was trained already, else None."""
+    model_dir = _model_dir(config, layout)
+    folder = layout.adapter_dir(adapter_key(config, model_dir, device, *training_samples(layout)))
+    done = (folder / "pytorch_lora_weights.safetensors").is_file() and (folder / "loss_history.json").is_file()
+    return folder / "pytorch_lora_weights.safetensors" if done else None
+
+
+def build_adapter(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=print, ranks=None,
+                  progress_bar: bool = False) -> StepResult:
     from .train import train_lora
 
     model_dir = _model_dir(config, layout)
@@ -410,10 +419,11 @@ def build_adapter(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=
     if adapter.is_file() and (folder / "loss_history.json").is_file():
         log(f"reusing trained adapter {folder}: same data, base model and settings")
         losses = json.loads((folder / "loss_history.json").read_text())
-        held_out = folder / "validation_loss.json"
+        held_out, summary = folder / "validation_loss.json", folder / "training.json"
         validation = json.loads(held_out.read_text()) if held_out.is_file() else []
-        return StepResult(key, adapter, {"steps": len(losses), "losses": losses, "validation_losses": validation,
-                                         "reused": True})
+        trained = json.loads(summary.read_text()) if summary.is_file() else {}  # how the run that made it went
+        return StepResult(key, adapter, {**trained, "steps": len(losses), "losses": losses,
+                                         "validation_losses": validation, "reused": True})
 
     precision, _reason = resolve_precision(config, layout, model_dir, device)
     needs = precision_estimates(config, model_dir, device)[precision]
@@ -429,15 +439,14 @@ def build_adapter(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=
         vae_config=_vae_config(model_dir), text_width=_text_width(model_dir), output_dir=folder,
         device=device.torch_device, dtype=device.compute_dtype(config.mixed_precision), log=log,
         render_progress=_progress_renderer(config, layout, model_dir, device, log),
-        checkpoint_dir=layout.checkpoint_dir(key),
+        checkpoint_dir=layout.checkpoint_dir(key), ranks=ranks, progress_bar=progress_bar,
     )
     if (folder / "progress").is_dir():  # which prompts and settings the strips show
         write_json_atomic(folder / "progress" / "settings.json", {"validation": config.settings_hash(*VALIDATION_KEYS)})
     stats = {
         "steps": result.steps, "losses": result.losses, "seconds": result.seconds,
         "trainable_parameters": result.trainable_parameters, "peak_memory_bytes": device.peak_memory_bytes(),
-        "reused": False, "resumed_from": result.extra["resumed_from"],
-        "validation_losses": result.extra["validation_losses"],
+        "reused": False, **result.extra,
     }
     return StepResult(key, adapter, stats)
 

@@ -8,10 +8,13 @@ Runs in-process under Dagster (`lora_adapter` calls `train_lora`) or on its own:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
+import os
 import random
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -20,9 +23,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tqdm.auto import tqdm
 
 from .checkpoints import newest_usable, restore_checkpoint, save_checkpoint
 from .config import ChromaConfig
+from .distributed import Ranks, StopRequest, TrainingStopped
 from .flow import add_noise, flow_target, image_position_ids, pack_latents, predict_velocity, sample_sigmas
 from .latents import LatentEntry, load_latent_entry, scale_latents
 from .lora import load_initial_adapter, lora_config, save_adapter
@@ -172,19 +177,25 @@ def train_lora(
     log_every: int = 10,
     render_progress=None,
     checkpoint_dir: Path | None = None,
+    ranks: Ranks | None = None,
+    progress_bar: bool = False,
 ) -> TrainingResult:
     """Train a LoRA on `transformer` (quantized or not) and write it to `output_dir` atomically.
 
     `render_progress(transformer, step)`, when given, is called every `validation_steps`
     and returns a picture of the validation prompts at that step (saved under progress/).
     With `checkpoint_dir`, a checkpoint is written every `checkpointing_steps`, and a run
-    that finds one there continues from the newest that verifies.
+    that finds one there continues from the newest that verifies. Under `accelerate launch`
+    (`ranks.world` > 1) each rank trains on its own batches and gradients are averaged; rank 0
+    alone logs, evaluates, renders, checkpoints and writes the adapter. SIGTERM finishes the
+    step, writes a checkpoint and raises `TrainingStopped`.
     """
     from diffusers.optimization import get_scheduler
 
     if not samples:
         raise ValueError("no training samples: the dataset manifest has no usable images")
-    generator = torch.Generator().manual_seed(config.seed)
+    ranks = ranks or Ranks()
+    generator = torch.Generator().manual_seed(config.seed + ranks.rank)  # each rank its own noise
     torch.manual_seed(config.seed)
 
     transformer.requires_grad_(False)
@@ -192,6 +203,8 @@ def train_lora(
         lora_config(config.network_rank, config.lora_alpha_value, config.flux_lora_target,
                     transformer.config.num_single_layers, dropout=config.lora_dropout)
     )
+    if not ranks.is_main:
+        log = _quiet
     if config.init_lora:
         log(f"starting from {config.init_lora}: {load_initial_adapter(transformer, Path(config.init_lora))} tensors")
     trainable = [p for p in transformer.parameters() if p.requires_grad]
@@ -235,106 +248,171 @@ def train_lora(
         for path in sorted((checkpoint / "progress").glob("step_*.png")):
             progress[int(path.stem.split("_")[1])] = Image.open(path).convert("RGB")
         log(f"resuming from checkpoint {checkpoint.name}: step {resumed_from} of {steps} done")
+        if not ranks.is_main:  # the checkpoint holds rank 0's generator; the others need noise of their own
+            generator.manual_seed(config.seed + ranks.rank + 1_000_003 * resumed_from)
     started = time.perf_counter()
-    for step in range(first_step, steps + 1):
-        step_loss = 0.0
-        for _ in range(config.gradient_accumulation_steps):
-            x0, prompt_embeds, text_mask = _load_batch(next(batches), **load)
-            drawn += 1
-            if config.caption_dropout_probability > 0:
-                drop = torch.rand(x0.shape[0], generator=generator) < config.caption_dropout_probability
-                prompt_embeds[drop] = empty["prompt_embeds"].to(device, dtype)
-                text_mask[drop] = empty["attention_mask"].to(device)
+    seen = 0
+    bar = tqdm(total=steps, initial=first_step - 1, unit="step", disable=not (progress_bar and ranks.is_main))
+    with StopRequest() as stop:
+        for step in range(first_step, steps + 1):
+            step_loss = 0.0
+            for _ in range(config.gradient_accumulation_steps):
+                # Every rank draws the same `world` batches from the shared order and trains on its own.
+                batch = [next(batches) for _ in range(ranks.world)][ranks.rank]
+                drawn += ranks.world
+                seen += len(batch)
+                x0, prompt_embeds, text_mask = _load_batch(batch, **load)
+                if config.caption_dropout_probability > 0:
+                    drop = torch.rand(x0.shape[0], generator=generator) < config.caption_dropout_probability
+                    prompt_embeds[drop] = empty["prompt_embeds"].to(device, dtype)
+                    text_mask[drop] = empty["attention_mask"].to(device)
 
-            latents = pack_latents(x0)
-            noise = torch.randn(latents.shape, generator=generator).to(device)
-            sigmas = sample_sigmas(latents.shape[0], generator).to(device)
-            noisy = add_noise(latents, noise, sigmas)
-            target = flow_target(latents, noise)
-            image_ids = image_position_ids(x0.shape[2], x0.shape[3])
+                latents = pack_latents(x0)
+                noise = torch.randn(latents.shape, generator=generator).to(device)
+                sigmas = sample_sigmas(latents.shape[0], generator).to(device)
+                noisy = add_noise(latents, noise, sigmas)
+                target = flow_target(latents, noise)
+                image_ids = image_position_ids(x0.shape[2], x0.shape[3])
 
-            with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
-                velocity = predict_velocity(transformer, noisy.to(dtype), sigmas, prompt_embeds, text_mask, image_ids)
-            loss = F.mse_loss(velocity.float(), target.float()) / config.gradient_accumulation_steps
-            scaler.scale(loss).backward()
-            step_loss += loss.item()
+                with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
+                    velocity = predict_velocity(transformer, noisy.to(dtype), sigmas, prompt_embeds, text_mask, image_ids)
+                loss = F.mse_loss(velocity.float(), target.float()) / config.gradient_accumulation_steps
+                scaler.scale(loss).backward()
+                step_loss += loss.item()
 
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+            ranks.average_gradients(trainable)
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = ranks.mean(step_loss)
+            bar.update(1)
 
-        if not math.isfinite(step_loss):
-            raise FloatingPointError(
-                f"loss became {step_loss} at step {step}: lower learning_rate (now {config.learning_rate}) "
-                "or use mixed_precision bf16 instead of fp16"
-            )
-        losses.append(step_loss)
-        if step % log_every == 0 or step == steps:
-            elapsed = time.perf_counter() - started
-            rate = (step - first_step + 1) / elapsed
-            log(
-                f"step {step}/{steps} loss {step_loss:.4f} lr {lr_scheduler.get_last_lr()[0]:.2e} "
-                f"{rate:.2f} steps/s ETA {(steps - step) / rate:.0f}s {_memory_in_use(device)}"
-            )
-        evaluate_now = config.validation_every and step % config.validation_every == 0
-        if held and (evaluate_now or step == steps):
-            transformer.eval()
-            validation_losses.append([step, held_out_loss(transformer, held, load, config.seed, device, dtype)])
-            transformer.train()
-            log(f"step {step}: validation loss {validation_losses[-1][1]:.4f} on {len(held)} held-out samples")
-        if render_progress is not None and config.validation_every and step % config.validation_every == 0:
-            transformer.eval()
-            with torch.no_grad():
-                progress[step] = render_progress(transformer, step)
-            transformer.train()
-        if checkpoint_dir and step % config.checkpointing_steps == 0 and step < steps:
-            save_checkpoint(checkpoint_dir, step, **live, batches_drawn=drawn, losses=losses, progress=progress,
-                            keep_last=config.checkpoints_total_limit, extra={"validation_losses": validation_losses})
-            log(f"checkpoint saved at step {step}")
+            if not math.isfinite(step_loss):
+                raise FloatingPointError(
+                    f"loss became {step_loss} at step {step}: lower learning_rate (now {config.learning_rate}) "
+                    "or use mixed_precision bf16 instead of fp16"
+                )
+            losses.append(step_loss)
+            if step % log_every == 0 or step == steps:
+                elapsed = time.perf_counter() - started
+                rate = (step - first_step + 1) / elapsed
+                log(
+                    f"step {step}/{steps} loss {step_loss:.4f} lr {lr_scheduler.get_last_lr()[0]:.2e} "
+                    f"{rate:.2f} steps/s ETA {(steps - step) / rate:.0f}s {_memory_in_use(device)}"
+                )
+            evaluate_now = config.validation_every and step % config.validation_every == 0
+            if held and ranks.is_main and (evaluate_now or step == steps):
+                transformer.eval()
+                validation_losses.append([step, held_out_loss(transformer, held, load, config.seed, device, dtype)])
+                transformer.train()
+                log(f"step {step}: validation loss {validation_losses[-1][1]:.4f} on {len(held)} held-out samples")
+            if render_progress is not None and ranks.is_main and evaluate_now:
+                transformer.eval()
+                with torch.no_grad():
+                    progress[step] = render_progress(transformer, step)
+                transformer.train()
+            stopping = ranks.any(stop.requested) and step < steps
+            if checkpoint_dir and ranks.is_main and (step % config.checkpointing_steps == 0 or stopping) and step < steps:
+                save_checkpoint(checkpoint_dir, step, **live, batches_drawn=drawn, losses=losses, progress=progress,
+                                keep_last=config.checkpoints_total_limit, extra={"validation_losses": validation_losses})
+                log(f"checkpoint saved at step {step}")
+            if stopping:
+                ranks.barrier()
+                raise TrainingStopped(f"stopped on request after step {step} (checkpoint saved); run again to resume")
+    bar.close()
 
     transformer.eval()
     output_dir = Path(output_dir)
+    seconds = time.perf_counter() - started
+    samples_per_rank = ranks.gather(seen)
+    summary = {"steps": steps, "seconds": round(seconds, 2), "trainable_parameters": sum(p.numel() for p in trainable),
+               "resumed_from": resumed_from, "processes": ranks.world, "samples_per_rank": samples_per_rank}
+    if not ranks.is_main:
+        ranks.barrier()  # rank 0 writes the one adapter
+        return TrainingResult(output_dir / "pytorch_lora_weights.safetensors", losses, steps, seconds, 0, extra=summary)
     with atomic_dir(output_dir) as staging:
         save_adapter(transformer, staging)
         (staging / "loss_history.json").write_text(json.dumps(losses))
         (staging / "validation_loss.json").write_text(json.dumps(validation_losses))
+        (staging / "training.json").write_text(json.dumps(summary))
         for step, picture in progress.items():
             (staging / "progress").mkdir(exist_ok=True)
             picture.save(staging / "progress" / f"step_{step:06d}.png")
+    ranks.barrier()
     return TrainingResult(
         adapter_path=output_dir / "pytorch_lora_weights.safetensors",
         losses=losses,
         steps=steps,
-        seconds=time.perf_counter() - started,
-        trainable_parameters=sum(p.numel() for p in trainable),
-        extra={"resumed_from": resumed_from, "validation_losses": validation_losses},
+        seconds=seconds,
+        trainable_parameters=summary["trainable_parameters"],
+        extra={**summary, "validation_losses": validation_losses},
     )
 
 
+def _quiet(_message: str) -> None:
+    """The log of ranks other than 0."""
+
+
+def launch_command(config_path: str, processes: int, device: str) -> list[str]:
+    """`accelerate launch` of this module's entry point on `processes` processes (one GPU each; gloo on a CPU)."""
+    import socket
+
+    with socket.socket() as probe:  # a free port for the ranks to meet on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+        "-m", "chroma_pipeline.train", "--config", str(config_path), "--only-train", "--device", device,
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the chain up to the adapter without Dagster, reusing every cache that is still valid."""
+    """Run the chain up to the adapter without Dagster, reusing every cache that is still valid.
+
+    Under `accelerate launch` every process runs this; with `--only-train` (what the
+    `lora_adapter` asset launches) the caches are taken as built and only training runs.
+    Under Dagster Pipes, rank 0 streams its log into the Dagster run.
+    """
     from .config import load_config
     from .device import detect_device
+    from .distributed import from_environment
     from .steps import Layout, build_adapter, build_embeddings, build_latents, build_manifest, build_quantized
 
     parser = argparse.ArgumentParser(prog="python -m chroma_pipeline.train", description=main.__doc__)
     parser.add_argument("--config", required=True, help="a JSON/JSONC config file (the quickstart's keys)")
     parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
+    parser.add_argument("--only-train", action="store_true", help="skip the cache steps (they are built already)")
     args = parser.parse_args(argv)
 
     config = load_config(args.config)
     layout = Layout(Path(config.output_dir).resolve())
-    device = detect_device(args.device)
-    print(f"device: {device.kind} ({device.name}), compute dtype {device.compute_dtype(config.mixed_precision)}")
-    manifest, _rows = build_manifest(config, layout)
-    print(f"dataset: {manifest.stats['samples']} samples, {manifest.stats['skipped']} skipped")
-    for step in (build_latents, build_embeddings, build_quantized):
-        step(config, layout, device)
-    result = build_adapter(config, layout, device)
-    print(f"adapter: {result.path}")
+    requested = args.device
+    if os.environ.get("WORLD_SIZE", "1") != "1" and requested in ("auto", "cuda") and torch.cuda.is_available():
+        requested = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"  # one GPU per process
+    device = detect_device(requested)
+    ranks = from_environment(device.kind)
+    with contextlib.ExitStack() as stack:
+        log = print
+        if ranks.is_main and os.environ.get("DAGSTER_PIPES_CONTEXT"):
+            from dagster_pipes import open_dagster_pipes
+
+            pipes = stack.enter_context(open_dagster_pipes())
+            log = pipes.log.info
+        if not ranks.is_main:
+            log = _quiet
+        log(f"rank {ranks.rank}/{ranks.world}: {device.kind} ({device.name}), "
+            f"compute dtype {device.compute_dtype(config.mixed_precision)}")
+        if not args.only_train:
+            manifest, _rows = build_manifest(config, layout)
+            log(f"dataset: {manifest.stats['samples']} samples, {manifest.stats['skipped']} skipped")
+            for step in (build_latents, build_embeddings, build_quantized):
+                step(config, layout, device, log=log)
+        result = build_adapter(config, layout, device, log=log, ranks=ranks, progress_bar=log is print)
+        log(f"adapter: {result.path} ({ranks.world} processes, samples per rank {result.stats.get('samples_per_rank')})")
     return 0
 
 
