@@ -406,11 +406,12 @@ def main(argv: list[str] | None = None) -> int:
             log = _quiet
         log(f"rank {ranks.rank}/{ranks.world}: {device.kind} ({device.name}), "
             f"compute dtype {device.compute_dtype(config.mixed_precision)}")
-        if not args.only_train:
+        if not args.only_train and ranks.is_main:  # the caches are built once; the other ranks wait for them
             manifest, _rows = build_manifest(config, layout)
             log(f"dataset: {manifest.stats['samples']} samples, {manifest.stats['skipped']} skipped")
             for step in (build_latents, build_embeddings, build_quantized):
                 step(config, layout, device, log=log)
+        ranks.barrier()
         result = build_adapter(config, layout, device, log=log, ranks=ranks, progress_bar=log is print)
         log(f"adapter: {result.path} ({ranks.world} processes, samples per rank {result.stats.get('samples_per_rank')})")
     return 0
