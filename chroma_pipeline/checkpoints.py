@@ -90,7 +90,7 @@ def verified(checkpoint: Path) -> str | None:
 def newest_usable(folder: Path, warn=print) -> Path | None:
     """The newest checkpoint that verifies; each newer one that does not is reported and skipped."""
     folder = Path(folder)
-    for leftover in folder.glob(".*.tmp*") if folder.is_dir() else []:
+    for leftover in folder.glob(".step_*") if folder.is_dir() else []:  # atomic_dir staging, never renamed
         warn(f"ignoring {leftover.name}: a checkpoint that was being written when the process stopped")
     for checkpoint in sorted(folder.glob("step_*"), reverse=True) if folder.is_dir() else []:
         problem = verified(checkpoint)

@@ -47,18 +47,13 @@ def test_killed_training_resumes_on_the_quantized_base_and_matches_an_unbroken_r
     assert trainer.returncode == -signal.SIGKILL
     assert not list(output.glob("lora/*/pytorch_lora_weights.safetensors")), "the killed run must not have finished"
 
-    # The newest checkpoint is damaged (as a disk error would): it is reported and skipped, never loaded.
-    checkpoints = sorted(output.glob("checkpoints/*/step_*"))
-    newest = checkpoints[-1]
-    (newest / "adapter.safetensors").write_bytes(b"\0" * 100)
+    # Re-materializing resumes from the newest checkpoint, and says so.
+    newest = sorted(output.glob("checkpoints/*/step_*"))[-1]
     resumed = materialize_chain(str(small_project), instance, selection=["lora_adapter"], device="cpu")
     assert resumed.success
-    log = _messages(instance, resumed)
-    assert any(f"skipping checkpoint {newest.name}: adapter.safetensors does not match its hash" in m for m in log)
-    previous = checkpoints[-2].name
-    assert any(f"resuming from checkpoint {previous}" in m for m in log)
+    assert any(f"resuming from checkpoint {newest.name}" in m for m in _messages(instance, resumed))
     metadata = resumed.asset_materializations_for_node("lora_adapter")[0].metadata
-    assert metadata["resumed from step"].value == int(previous.split("_")[1])
+    assert metadata["resumed from step"].value == int(newest.name.split("_")[1]) >= 10
     assert metadata["steps"].value == 80
     adapter = Path(metadata["adapter"].value)
     after_resume = load_file(adapter)
@@ -76,6 +71,29 @@ def test_killed_training_resumes_on_the_quantized_base_and_matches_an_unbroken_r
     assert json.loads((adapter.parent / "loss_history.json").read_text()) == pytest.approx(losses_after_resume, rel=1e-5)
     assert sorted(p.name for p in adapter.parent.glob("progress/*.png")) == [
         "step_000020.png", "step_000040.png", "step_000060.png", "step_000080.png"]
+
+
+def test_a_damaged_or_half_written_newest_checkpoint_is_reported_and_never_loaded(tmp_path):
+    from chroma_pipeline.checkpoints import newest_usable
+    from chroma_pipeline.storage import sha256_file
+
+    folder = tmp_path / "checkpoints"
+    for step in (5, 10, 15):
+        checkpoint = folder / f"step_{step:06d}"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "adapter.safetensors").write_bytes(b"weights %d" % step)
+        (checkpoint / "manifest.json").write_text(json.dumps(
+            {"step": step, "files": {"adapter.safetensors": sha256_file(checkpoint / "adapter.safetensors")}}))
+    (folder / "step_000015" / "adapter.safetensors").write_bytes(b"\0" * 10)  # a disk error after it was written
+    (folder / "step_000020").mkdir()  # killed before its manifest
+    (folder / ".step_000025-k3j9x1").mkdir()  # killed while writing (atomic_dir staging)
+    warnings = []
+    assert newest_usable(folder, warn=warnings.append) == folder / "step_000010"
+    assert warnings == [
+        "ignoring .step_000025-k3j9x1: a checkpoint that was being written when the process stopped",
+        "skipping checkpoint step_000020: no manifest (the process died while writing it)",
+        "skipping checkpoint step_000015: adapter.safetensors does not match its hash",
+    ]
 
 
 def test_checkpoints_total_limit_keeps_the_newest(small_project):
