@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -66,7 +67,9 @@ def from_environment(device_kind: str) -> Ranks:
     if world == 1:
         return Ranks()
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+        # Rank 0 renders and evaluates alone while the others wait in the next all-reduce; at
+        # 1024 px with many prompts that outlasts the default 10-minute collective timeout.
+        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo", timeout=timedelta(hours=2))
     return Ranks(rank=dist.get_rank(), world=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
 
