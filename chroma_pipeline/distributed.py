@@ -56,6 +56,14 @@ class Ranks:
         dist.all_gather_object(gathered, value)
         return gathered
 
+    def broadcast(self, value):
+        """Rank 0's `value` on every rank."""
+        if self.world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
@@ -66,33 +74,41 @@ def from_environment(device_kind: str) -> Ranks:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Ranks()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
+        gpu = device_kind in ("cuda", "rocm")  # ROCm's RCCL answers to "nccl"
+        if gpu:
+            torch.cuda.set_device(local_rank)  # or every rank's collectives would land on GPU 0
+        # CPU tensors (the loss, the stop flag, gathered objects) go through gloo, GPU ones through NCCL.
         # Rank 0 renders and evaluates alone while the others wait in the next all-reduce; at
         # 1024 px with many prompts that outlasts the default 10-minute collective timeout.
-        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo", timeout=timedelta(hours=2))
-    return Ranks(rank=dist.get_rank(), world=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if gpu else "gloo", timeout=timedelta(hours=2))
+    return Ranks(rank=dist.get_rank(), world=world, local_rank=local_rank)
 
 
 class StopRequest:
-    """Set by SIGTERM (Dagster cancelling a run, torchrun stopping its workers): finish the step, checkpoint, exit."""
+    """Set by SIGTERM or SIGINT (Dagster Pipes cancelling a run sends SIGINT; torchrun passes it on to
+    its workers): finish the step, checkpoint, exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self._previous: dict = {}
 
     def __enter__(self) -> StopRequest:
         try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
         except ValueError:  # not the main thread (an in-process Dagster run): Dagster interrupts it itself
-            self._previous = None
+            self._previous = {}
         return self
 
     def _handle(self, _signum, _frame) -> None:
         self.requested = True
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 class TrainingStopped(RuntimeError):

@@ -7,6 +7,7 @@ anchored regex so `proj_out` of a single block never also matches the model's fi
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -94,10 +95,19 @@ def load_initial_adapter(transformer, path: Path) -> int:
     with the same shape, so a rank or target mismatch is an error, not a silent partial start.
     """
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     loaded = {k.removeprefix("transformer."): v for k, v in load_file(str(path)).items() if k.startswith("transformer.")}
     expected = get_peft_model_state_dict(transformer)
+    # The strength it was trained at: alpha tensors, else the header's config, else alpha = rank.
+    with safe_open(str(path), "pt") as handle:
+        header = json.loads((handle.metadata() or {}).get("lora_adapter_metadata", "{}"))
+    rank = next(v.shape[0] for k, v in loaded.items() if k.endswith("lora_A.weight")) if loaded else 1
+    alphas = [float(v) for k, v in loaded.items() if k.endswith(".alpha")]
+    file_alpha = alphas[0] if alphas else float(header.get("transformer.lora_alpha", header.get("transformer.r", rank)))
+    ours = transformer.peft_config["default"]
+    rescale = (file_alpha / rank) / (ours.lora_alpha / ours.r)  # keep the file's effective B @ A * scale
     missing = sorted(expected.keys() - loaded.keys())
     wrong = sorted(k for k in expected.keys() & loaded.keys() if expected[k].shape != loaded[k].shape)
     if missing or wrong or not loaded:
@@ -105,7 +115,8 @@ def load_initial_adapter(transformer, path: Path) -> int:
             f"init_lora {path} does not fit this LoRA (network_rank, flux_lora_target): "
             f"{len(missing)} tensors missing (e.g. {missing[:2]}), {len(wrong)} with another shape (e.g. {wrong[:2]})"
         )
-    set_peft_model_state_dict(transformer, {k: loaded[k] for k in expected})
+    start = {k: loaded[k] * rescale if "lora_B" in k else loaded[k] for k in expected}
+    set_peft_model_state_dict(transformer, start)
     return len(expected)
 
 

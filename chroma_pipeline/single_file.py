@@ -40,8 +40,13 @@ def config_from_shapes(path: Path) -> dict:
         def count(start: str, position: int) -> int:
             return 1 + max(int(k.split(".")[position]) for k in keys if k.startswith(start))
 
-        if "img_in.weight" not in keys or not any(k.startswith("double_blocks.") for k in keys):
-            raise ValueError(f"{path} is not an original-format Chroma transformer (no img_in / double_blocks keys)")
+        needed = ("img_in.weight", "txt_in.weight", "distilled_guidance_layer.in_proj.weight")
+        blocks = ("double_blocks.", "single_blocks.", "distilled_guidance_layer.layers.")
+        if any(k not in keys for k in needed) or not all(any(k.startswith(b) for k in keys) for b in blocks):
+            raise ValueError(
+                f"{path} is not an original-format Chroma transformer (it lacks some of {', '.join(needed)} or of the "
+                "double, single and approximator blocks; a Flux checkpoint, for one, has no approximator)"
+            )
         hidden, in_channels = shape("img_in.weight")
         approximator_hidden, approximator_in = shape("distilled_guidance_layer.in_proj.weight")
         return {

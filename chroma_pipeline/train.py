@@ -71,15 +71,18 @@ def bucket_batches(samples: list[TrainingSample], batch_size: int, seed: int, re
         epoch += 1
 
 
-def total_steps(config: ChromaConfig, samples: list[TrainingSample]) -> int:
-    """`max_train_steps`, or `num_train_epochs` passes over the samples (with repeats) when that is set."""
+def total_steps(config: ChromaConfig, samples: list[TrainingSample], processes: int = 1) -> int:
+    """`max_train_steps`, or `num_train_epochs` passes over the samples (with repeats) when that is set.
+
+    Each step takes `gradient_accumulation_steps` batches on each of `processes` ranks.
+    """
     if config.num_train_epochs is None:
         return config.max_train_steps
     per_bucket = defaultdict(int)
     for sample in samples:
         per_bucket[(sample.latent.bucket_width, sample.latent.bucket_height)] += 1 + config.repeats
     batches = sum(math.ceil(count / config.train_batch_size) for count in per_bucket.values())
-    return config.num_train_epochs * math.ceil(batches / config.gradient_accumulation_steps)
+    return config.num_train_epochs * math.ceil(batches / (config.gradient_accumulation_steps * processes))
 
 
 def make_optimizer(config: ChromaConfig, parameters, device: str):
@@ -220,7 +223,7 @@ def train_lora(
     samples, held = split_held_out(samples, config.validation_loss_share, config.seed)
     if held:
         log(f"{len(held)} of {len(samples) + len(held)} samples held out for the validation loss")
-    steps = total_steps(config, samples)
+    steps = total_steps(config, samples, ranks.world)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=steps)
     batches = bucket_batches(samples, config.train_batch_size, config.seed, config.repeats)
@@ -391,10 +394,16 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(args.config)
     layout = Layout(Path(config.output_dir).resolve())
     requested = args.device
-    if os.environ.get("WORLD_SIZE", "1") != "1" and requested in ("auto", "cuda") and torch.cuda.is_available():
-        requested = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"  # one GPU per process
+    if os.environ.get("WORLD_SIZE", "1") != "1" and requested.split(":")[0] in ("auto", "cuda") and torch.cuda.is_available():
+        requested = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"  # one GPU per process, whatever was pinned
     device = detect_device(requested)
     ranks = from_environment(device.kind)
+    if ranks.world > 1 and config.base_model_precision == "auto":
+        # Every rank must train on the same base model: rank 0 decides (and remembers) for all.
+        from .steps import _model_dir, resolve_precision
+
+        chosen = resolve_precision(config, layout, _model_dir(config, layout), device)[0] if ranks.is_main else None
+        config = config.model_copy(update={"base_model_precision": ranks.broadcast(chosen)})
     with contextlib.ExitStack() as stack:
         log = print
         if ranks.is_main and os.environ.get("DAGSTER_PIPES_CONTEXT"):

@@ -38,7 +38,8 @@ def test_two_processes_both_train_and_rank_zero_writes_one_adapter(small_project
     assert any("step 6/6" in line for line in log)
 
 
-def test_sigterm_stops_after_a_checkpoint_and_leaves_no_worker_behind(small_project):
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])  # SIGINT: what Pipes sends on cancel
+def test_a_stop_signal_ends_training_after_a_checkpoint_and_leaves_no_worker_behind(small_project, stop_signal):
     values = json.loads(small_project.read_text())
     write_config(small_project, {**values, "num_processes": 2, "max_train_steps": 2000, "validation_steps": 0,
                                  "checkpointing_steps": 1000})
@@ -54,7 +55,7 @@ def test_sigterm_stops_after_a_checkpoint_and_leaves_no_worker_behind(small_proj
         assert time.monotonic() < deadline and launcher.poll() is None, "training did not start"
     workers = psutil.Process(launcher.pid).children(recursive=True)
     assert len([w for w in workers if "chroma_pipeline.train" in " ".join(w.cmdline())]) == 2
-    launcher.send_signal(signal.SIGTERM)  # what Dagster's Pipes client does when the run is cancelled
+    launcher.send_signal(stop_signal)
     output = launcher.communicate(timeout=120)[0]
     assert launcher.returncode != 0
     assert "stopped on request after step" in output

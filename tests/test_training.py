@@ -79,6 +79,7 @@ def test_repeats_and_epochs_decide_what_an_epoch_is():
     assert all(len({samples[i].latent.bucket_width for i in batch}) == 1 for batch in first_epoch)  # one bucket per batch
     config = config_from_dict({"num_train_epochs": 4, "repeats": 2, "train_batch_size": 2, "gradient_accumulation_steps": 2})
     assert total_steps(config, samples) == 4 * 4  # 8 batches an epoch, 2 per step
+    assert total_steps(config, samples, processes=2) == 4 * 2  # two ranks share each epoch
     assert total_steps(config_from_dict({"max_train_steps": 7}), samples) == 7
 
 
@@ -119,3 +120,9 @@ def test_dropout_optimizer_targets_and_starting_from_an_existing_lora(small_proj
         torch.testing.assert_close(started[name], weights[name])
     with pytest.raises(ValueError, match="does not fit this LoRA"):
         train(init_lora=str(path), learning_rate=1e-30)  # the default targets have layers the file lacks
+
+    # A file trained at another alpha / rank starts at its own strength: B is rescaled to our alpha.
+    strong_path, strong = train(flux_lora_target=["attn.to_q"], lora_alpha=32, learning_rate=1e-30)  # rank 8
+    _, started = train(flux_lora_target=["attn.to_q"], init_lora=str(strong_path), learning_rate=1e-30)
+    for name in (k for k in started if "lora_B" in k):
+        torch.testing.assert_close(started[name], strong[name] * 4)  # (32 / 8) / (8 / 8)
