@@ -307,21 +307,31 @@ def train_lora(
                     f"{rate:.2f} steps/s ETA {(steps - step) / rate:.0f}s {_memory_in_use(device)}"
                 )
             evaluate_now = config.validation_every and step % config.validation_every == 0
-            if held and ranks.is_main and (evaluate_now or step == steps):
-                transformer.eval()
-                validation_losses.append([step, held_out_loss(transformer, held, load, config.seed, device, dtype)])
-                transformer.train()
-                log(f"step {step}: validation loss {validation_losses[-1][1]:.4f} on {len(held)} held-out samples")
-            if render_progress is not None and ranks.is_main and evaluate_now:
-                transformer.eval()
-                with torch.no_grad():
-                    progress[step] = render_progress(transformer, step)
-                transformer.train()
             stopping = ranks.any(stop.requested) and step < steps
-            if checkpoint_dir and ranks.is_main and (step % config.checkpointing_steps == 0 or stopping) and step < steps:
-                save_checkpoint(checkpoint_dir, step, **live, batches_drawn=drawn, losses=losses, progress=progress,
-                                keep_last=config.checkpoints_total_limit, extra={"validation_losses": validation_losses})
-                log(f"checkpoint saved at step {step}")
+            failure = None
+            try:  # rank 0's own work; if it fails, every rank must stop, not wait in the next collective
+                if held and ranks.is_main and (evaluate_now or step == steps):
+                    transformer.eval()
+                    validation_losses.append([step, held_out_loss(transformer, held, load, config.seed, device, dtype)])
+                    transformer.train()
+                    log(f"step {step}: validation loss {validation_losses[-1][1]:.4f} on {len(held)} held-out samples")
+                if render_progress is not None and ranks.is_main and evaluate_now:
+                    transformer.eval()
+                    with torch.no_grad():
+                        progress[step] = render_progress(transformer, step)
+                    transformer.train()
+                checkpoint_now = step % config.checkpointing_steps == 0 or stopping
+                if checkpoint_dir and ranks.is_main and checkpoint_now and step < steps:
+                    save_checkpoint(checkpoint_dir, step, **live, batches_drawn=drawn, losses=losses, progress=progress,
+                                    keep_last=config.checkpoints_total_limit,
+                                    extra={"validation_losses": validation_losses})
+                    log(f"checkpoint saved at step {step}")
+            except Exception as exc:  # re-raised below, on every rank
+                failure = exc
+            if ranks.any(failure is not None):
+                if failure is not None:
+                    raise failure
+                raise RuntimeError(f"rank 0 failed at step {step}; its log says why")
             if stopping:
                 ranks.barrier()
                 raise TrainingStopped(f"stopped on request after step {step} (checkpoint saved); run again to resume")
