@@ -87,12 +87,13 @@ def estimate(transformer_config: dict, precision: str, *, keep=(), rank: int = 1
 def _estimate(transformer_config: str, precision: str, keep: tuple, rank: int, lora_pattern: str | None,
               resolution: int, batch_size: int, text_tokens: int, gradient_checkpointing: bool,
               bytes_per_kept: int) -> Estimate:
-    import fnmatch
     import re
 
     import torch
     from accelerate import init_empty_weights
     from diffusers import ChromaTransformer2DModel
+
+    from .quantize import is_kept
 
     with init_empty_weights():
         model = ChromaTransformer2DModel.from_config(json.loads(transformer_config))
@@ -100,8 +101,7 @@ def _estimate(transformer_config: str, precision: str, keep: tuple, rank: int, l
     weights = lora_params = 0
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
-            kept = precision == "no_change" or any(fnmatch.fnmatch(name, p) or name.startswith(p.rstrip("*") + ".")
-                                                   for p in keep)
+            kept = precision == "no_change" or is_kept(name, keep)
             numel = module.weight.numel()
             if kept:
                 weights += numel * bytes_per_kept

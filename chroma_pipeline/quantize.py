@@ -147,7 +147,8 @@ def quantization_units(transformer) -> list[str]:
     return [*units, ""]
 
 
-def _kept(full_name: str, keep: tuple[str, ...]) -> bool:
+def is_kept(full_name: str, keep: tuple[str, ...]) -> bool:
+    """Whether `base_model_keep_full_precision` keeps this module: a glob, or a module and everything under it."""
     return any(fnmatch.fnmatch(full_name, pattern) or full_name.startswith(pattern.rstrip("*") + ".") for pattern in keep)
 
 
@@ -225,7 +226,7 @@ def quantize_to_folder(
                         value = handle.get_tensor(prefix + name)
                         set_module_tensor_to_device(module, name, device, value=value, dtype=dtype)
             linear_names = [n for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)]
-            excluded = [n for n in linear_names if _kept(prefix + n, keep)]
+            excluded = [n for n in linear_names if is_kept(prefix + n, keep)]
             if len(excluded) < len(linear_names):
                 quantize_model(module, precision, keep=tuple(excluded))
             unit_map = quantization_map(module)

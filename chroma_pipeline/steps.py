@@ -387,13 +387,13 @@ def training_samples(layout: Layout):
     return samples, empty_keys[0]
 
 
-def adapter_key(config: ChromaConfig, model_dir: Path, device: DeviceInfo, samples, empty_key: str) -> str:
+def adapter_key(config: ChromaConfig, layout: Layout, model_dir: Path, device: DeviceInfo, samples, empty_key: str) -> str:
     """What decides the adapter: the (latent, caption) pairs it trains on, the base model and the settings.
 
     Validation prompts are not part of it: changing them re-renders the grid, never retrains.
     """
     pairs = sorted(f"{s.latent.cache_key}:{s.embedding_key}" for s in samples)
-    precision, _reason = resolve_precision(config, Layout(Path(config.output_dir).resolve()), model_dir, device)
+    precision, _reason = resolve_precision(config, layout, model_dir, device)
     base = quantized_key(config, model_dir, device, precision)
     start = models.weights_digest(Path(config.init_lora)) if config.init_lora else ""  # its content, not its name
     return combine_hashes(*pairs, empty_key, base, start, config.settings_hash(*TRAINING_KEYS))
@@ -402,7 +402,7 @@ def adapter_key(config: ChromaConfig, model_dir: Path, device: DeviceInfo, sampl
 def existing_adapter(config: ChromaConfig, layout: Layout, device: DeviceInfo) -> Path | None:
     """The adapter for the current data and settings if one was trained already, else None."""
     model_dir = _model_dir(config, layout)
-    folder = layout.adapter_dir(adapter_key(config, model_dir, device, *training_samples(layout)))
+    folder = layout.adapter_dir(adapter_key(config, layout, model_dir, device, *training_samples(layout)))
     done = (folder / "pytorch_lora_weights.safetensors").is_file() and (folder / "loss_history.json").is_file()
     return folder / "pytorch_lora_weights.safetensors" if done else None
 
@@ -413,7 +413,7 @@ def build_adapter(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=
 
     model_dir = _model_dir(config, layout)
     samples, empty_key = training_samples(layout)
-    key = adapter_key(config, model_dir, device, samples, empty_key)
+    key = adapter_key(config, layout, model_dir, device, samples, empty_key)
     folder = layout.adapter_dir(key)
     adapter = folder / "pytorch_lora_weights.safetensors"
     if adapter.is_file() and (folder / "loss_history.json").is_file():
@@ -509,7 +509,7 @@ def build_grid(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=pri
     from .lora import apply_adapter
 
     model_dir = _model_dir(config, layout)
-    key_adapter = adapter_key(config, model_dir, device, *training_samples(layout))
+    key_adapter = adapter_key(config, layout, model_dir, device, *training_samples(layout))
     adapter = layout.adapter_dir(key_adapter) / "pytorch_lora_weights.safetensors"
     if not adapter.is_file():
         raise FileNotFoundError(f"no adapter for the current data and settings at {adapter}: materialize lora_adapter first")

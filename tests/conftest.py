@@ -17,6 +17,10 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_chroma(tmp_path_factory.mktemp("models") / "tiny")
 
 
+# Everything training reads, materialized before a test trains on its own.
+CACHE_STEPS = ["raw_dataset/images", "raw_dataset/captions", "image_latents", "text_embeddings", "quantized_base_model"]
+
+
 def write_config(path: Path, values: dict) -> Path:
     path.write_text(json.dumps(values, indent=2))
     return path

@@ -12,10 +12,9 @@ import pytest
 from dagster import DagsterInstance
 
 from assets.definitions import materialize_chain
-from tests.conftest import write_config
+from tests.conftest import CACHE_STEPS, write_config
 
 REPO = Path(__file__).resolve().parents[1]
-CACHES = ["raw_dataset/images", "raw_dataset/captions", "image_latents", "text_embeddings", "quantized_base_model"]
 pytestmark = pytest.mark.slow
 
 
@@ -43,7 +42,7 @@ def test_a_stop_signal_ends_training_after_a_checkpoint_and_leaves_no_worker_beh
     values = json.loads(small_project.read_text())
     write_config(small_project, {**values, "num_processes": 2, "max_train_steps": 2000, "validation_steps": 0,
                                  "checkpointing_steps": 1000})
-    assert materialize_chain(str(small_project), DagsterInstance.ephemeral(), selection=CACHES, device="cpu").success
+    assert materialize_chain(str(small_project), DagsterInstance.ephemeral(), selection=CACHE_STEPS, device="cpu").success
     from chroma_pipeline.train import launch_command
 
     launcher = subprocess.Popen(launch_command(str(small_project), 2, "cpu"), cwd=REPO, stdout=subprocess.PIPE,

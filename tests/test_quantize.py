@@ -17,6 +17,7 @@ from chroma_pipeline.memory import AUTO_ORDER, choose_precision, estimate
 from chroma_pipeline.models import load_transformer
 from chroma_pipeline.quantize import QuantizationUnavailable
 from chroma_pipeline.steps import Layout, build_quantized
+from tests.conftest import CACHE_STEPS
 
 # Relative error of the transformer's output against fp32, per precision, on the tiny model.
 TOLERANCE = {"int8-quanto": 0.02, "fp8-quanto": 0.05, "int4-quanto": 0.1, "int2-quanto": 0.8}
@@ -178,8 +179,7 @@ def test_training_that_cannot_fit_is_refused_before_the_model_loads(small_projec
     from assets.definitions import materialize_chain
     from chroma_pipeline.device import DeviceInfo
 
-    caches = ["raw_dataset/images", "raw_dataset/captions", "image_latents", "text_embeddings", "quantized_base_model"]
-    assert materialize_chain(str(small_project), DagsterInstance.ephemeral(), selection=caches, device="cpu").success
+    assert materialize_chain(str(small_project), DagsterInstance.ephemeral(), selection=CACHE_STEPS, device="cpu").success
     monkeypatch.setattr(DeviceInfo, "free_memory_bytes", lambda self: 2**20)
     monkeypatch.setattr(steps_module, "load_base_transformer", lambda *a, **k: pytest.fail("must stop before loading"))
     config = load_config(small_project)

@@ -14,7 +14,7 @@ from dagster import DagsterInstance
 from safetensors.torch import load_file
 
 from assets.definitions import materialize_chain
-from tests.conftest import write_config
+from tests.conftest import CACHE_STEPS, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -30,8 +30,7 @@ def test_killed_training_resumes_on_the_quantized_base_and_matches_an_unbroken_r
     write_config(small_project, {**values, "max_train_steps": 80, "checkpointing_steps": 5, "validation_steps": 20})
     output = small_project.parent / "output"
     instance = DagsterInstance.ephemeral()
-    caches = ["raw_dataset/images", "raw_dataset/captions", "image_latents", "text_embeddings", "quantized_base_model"]
-    assert materialize_chain(str(small_project), instance, selection=caches, device="cpu").success
+    assert materialize_chain(str(small_project), instance, selection=CACHE_STEPS, device="cpu").success
 
     # Train in another process and kill it (no chance to clean up) once two checkpoints exist.
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

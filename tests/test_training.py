@@ -13,7 +13,7 @@ import chroma_pipeline.train as train_module
 from assets.definitions import materialize_chain
 from chroma_pipeline.steps import Layout, training_samples
 from chroma_pipeline.train import split_held_out
-from tests.conftest import write_config
+from tests.conftest import CACHE_STEPS, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -98,8 +98,7 @@ def test_dropout_optimizer_targets_and_starting_from_an_existing_lora(small_proj
     from chroma_pipeline.device import detect_device
     from chroma_pipeline.steps import build_adapter
 
-    caches = ["raw_dataset/images", "raw_dataset/captions", "image_latents", "text_embeddings", "quantized_base_model"]
-    assert materialize_chain(str(small_project), DagsterInstance.ephemeral(), selection=caches, device="cpu").success
+    assert materialize_chain(str(small_project), DagsterInstance.ephemeral(), selection=CACHE_STEPS, device="cpu").success
     values = {**json.loads(small_project.read_text()), "max_train_steps": 3, "validation_steps": 0}
 
     def train(**settings):
