@@ -1,4 +1,4 @@
-"""The six Dagster assets of the chain; each is a thin call into `chroma_pipeline.steps`."""
+"""The six Dagster assets of the chain; each is a thin call into the `chroma_pipeline` module of the same name."""
 
 from .image_latents import image_latents
 from .lora_adapter import lora_adapter

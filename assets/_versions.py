@@ -4,12 +4,23 @@ from __future__ import annotations
 
 from dagster import AssetExecutionContext, Failure
 
+from chroma_pipeline import image_latents, lora_adapter, quantized_base, raw_dataset, text_embeddings, validation_grid
 from chroma_pipeline.config import ChromaConfig
-from chroma_pipeline.steps import STEP_SETTINGS
 from resources import ChromaConfigResource
 
 # Bump when a step's code changes what it produces, so Dagster marks its results stale.
 CODE_VERSION = "1"
+
+# The settings each step reads. A change to one of them changes that step's code version
+# in Dagster (and only that step's), which is how the UI shows a setting made it stale.
+STEP_SETTINGS = {
+    "raw_dataset": raw_dataset.SETTINGS,
+    "image_latents": image_latents.SETTINGS,
+    "text_embeddings": text_embeddings.SETTINGS,
+    "quantized_base_model": quantized_base.SETTINGS,
+    "lora_adapter": lora_adapter.SETTINGS,
+    "validation_grid": validation_grid.SETTINGS,
+}
 
 
 def step_code_version(config: ChromaConfig, step: str) -> str:

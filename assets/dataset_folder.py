@@ -17,7 +17,7 @@ from dagster._core.definitions.data_version import DATA_VERSION_TAG
 
 from chroma_pipeline.config import ChromaConfig
 from chroma_pipeline.fingerprint import Fingerprint, fingerprint_dataset, summarize
-from chroma_pipeline.steps import Layout
+from chroma_pipeline.layout import Layout
 from chroma_pipeline.storage import write_json_atomic
 from resources import ArtifactStore, ChromaConfigResource
 

@@ -1,9 +1,10 @@
 from dagster import AssetExecutionContext, DataVersion, MaterializeResult, MetadataValue, asset
 
-from chroma_pipeline.steps import build_latents
+from chroma_pipeline.image_latents import build_latents
+from chroma_pipeline.report import bucket_histogram
 from resources import ArtifactStore, ChromaConfigResource, GPUResource
 
-from ._metadata import bucket_histogram, image_markdown, markdown_table
+from ._metadata import image_markdown, markdown_table
 from ._versions import load_config_for
 from .raw_dataset import IMAGES
 

@@ -1,12 +1,12 @@
 import os
 
-from dagster import AssetExecutionContext, DataVersion, MaterializeResult, MetadataValue, PipesSubprocessClient, asset
+from dagster import AssetExecutionContext, DataVersion, MaterializeResult, PipesSubprocessClient, asset
 
-from chroma_pipeline.steps import build_adapter, existing_adapter
-from chroma_pipeline.train import launch_command
+from chroma_pipeline.launch import launch_command
+from chroma_pipeline.lora_adapter import adapter_report, build_adapter, plan_adapter
 from resources import ArtifactStore, ChromaConfigResource, GPUResource
 
-from ._metadata import image_markdown, loss_curve
+from ._metadata import as_dagster_metadata
 from ._versions import load_config_for
 from .image_latents import image_latents
 from .quantized_base_model import quantized_base_model
@@ -20,49 +20,28 @@ def lora_adapter(
 ) -> MaterializeResult:
     """A LoRA trained on the cached latents and embeddings, in diffusers format (`pytorch_lora_weights.safetensors`).
 
-    With `num_processes` > 1 the training runs in `accelerate launch` workers (DDP) through
-    Dagster Pipes: rank 0's log streams into this run, cancelling the run stops the workers
-    after a checkpoint, and the adapter they write is then picked up here.
+    With `num_processes` > 1 or `num_machines` > 1 the training runs in `accelerate launch`
+    workers (DDP) through Dagster Pipes: rank 0's log streams into this run, rank 0 reports
+    the materialization (data version, metadata, loss curve) back, and cancelling the run
+    stops the workers after a checkpoint.
     """
     config = load_config_for(context, chroma, "lora_adapter")
-    device = gpu.info()
+    layout, device = store.layout(config), gpu.info()
     context.log.info(f"training on {device.kind} ({device.name}) in {device.compute_dtype(config.mixed_precision)}")
-    launched = config.num_processes > 1 and existing_adapter(config, store.layout(config), device) is None
-    if launched:
-        command = launch_command(chroma.config_path, config.num_processes, gpu.device)
-        context.log.info(f"launching {config.num_processes} training processes: {' '.join(command)}")
-        pipes.run(command=command, context=context, env={"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")})
-    result = build_adapter(config, store.layout(config), device, log=context.log.info)
-    losses = result.stats["losses"]
-    tail = losses[-max(1, len(losses) // 10):]
-    metadata = {
-        "steps": result.stats["steps"],
-        "final loss": float(losses[-1]),
-        "smoothed final loss": float(sum(tail) / len(tail)),
-        "retrained": launched or not result.stats["reused"],
-        "loss curve": image_markdown(loss_curve(losses, result.stats.get("validation_losses")), "loss curve"),
-        "adapter": MetadataValue.path(str(result.path)),
-        **{f"gpu: {name}": value for name, value in gpu.describe().items()},
-    }
-    validation = result.stats.get("validation_losses") or []
-    if validation:
-        metadata["validation loss"] = float(validation[-1][1])  # plotted across materializations by the UI
-        metadata["validation loss at step"] = int(validation[-1][0])
-    strips = sorted(result.path.parent.glob("progress/step_*.png"))
-    if strips:
-        from PIL import Image
-
-        from chroma_pipeline.grid import stack
-
-        metadata["progress"] = image_markdown(stack([Image.open(p).convert("RGB") for p in strips]), "progress")
-    # From this run's training, or from training.json when the adapter was trained before (or by workers).
-    for label, key in (("trainable parameters", "trainable_parameters"), ("wall seconds", "seconds"),
-                       ("resumed from step", "resumed_from")):
-        if key in result.stats:
-            metadata[label] = round(result.stats[key] or 0, 1) if key == "seconds" else result.stats[key] or 0
-    if not result.stats["reused"]:
-        metadata["peak memory GiB"] = round(result.stats["peak_memory_bytes"] / 2**30, 3)
-    if "processes" in result.stats:
-        metadata["training processes"] = result.stats["processes"]
-        metadata["samples per rank"] = MetadataValue.json(result.stats["samples_per_rank"])
-    return MaterializeResult(data_version=DataVersion(result.data_version), metadata=metadata)
+    gpu_metadata = {f"gpu: {name}": value for name, value in gpu.describe().items()}
+    workers = config.num_processes * config.num_machines
+    if workers > 1 and not plan_adapter(config, layout, device).trained:
+        command = launch_command(chroma.config_path, config, gpu.device)
+        if config.num_machines > 1:
+            context.log.info(
+                f"machine 0 of {config.num_machines}; on each other machine run: python -m chroma_pipeline.launch "
+                f"--config <the same config> --machine-rank N (they meet at {config.main_process_ip}:{config.main_process_port})"
+            )
+        context.log.info(f"launching {workers} training processes: {' '.join(command)}")
+        reported = pipes.run(
+            command=command, context=context, env={"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}
+        ).get_materialize_result()
+        return MaterializeResult(data_version=reported.data_version, metadata={**reported.metadata, **gpu_metadata})
+    result = build_adapter(config, layout, device, log=context.log.info)
+    return MaterializeResult(data_version=DataVersion(result.data_version),
+                             metadata={**as_dagster_metadata(adapter_report(result)), **gpu_metadata})

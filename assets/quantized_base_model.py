@@ -1,6 +1,6 @@
 from dagster import AssetExecutionContext, DataVersion, MaterializeResult, MetadataValue, asset
 
-from chroma_pipeline.steps import build_quantized
+from chroma_pipeline.quantized_base import build_quantized
 from resources import ArtifactStore, ChromaConfigResource, GPUResource
 
 from ._versions import load_config_for

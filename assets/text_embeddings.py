@@ -1,6 +1,6 @@
 from dagster import AssetExecutionContext, DataVersion, MaterializeResult, MetadataValue, asset
 
-from chroma_pipeline.steps import build_embeddings
+from chroma_pipeline.text_embeddings import build_embeddings
 from resources import ArtifactStore, ChromaConfigResource, GPUResource
 
 from ._versions import load_config_for

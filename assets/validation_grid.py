@@ -1,6 +1,6 @@
 from dagster import AssetExecutionContext, DataVersion, MaterializeResult, MetadataValue, asset
 
-from chroma_pipeline.steps import build_grid
+from chroma_pipeline.validation_grid import build_grid
 from resources import ArtifactStore, ChromaConfigResource, GPUResource
 
 from ._metadata import image_markdown

@@ -22,7 +22,9 @@ from PIL import Image, ImageDraw  # noqa: E402
 
 from chroma_pipeline.config import config_from_dict  # noqa: E402
 from chroma_pipeline.device import detect_device  # noqa: E402
-from chroma_pipeline.steps import Layout, build_latents, build_manifest  # noqa: E402
+from chroma_pipeline.image_latents import build_latents  # noqa: E402
+from chroma_pipeline.layout import Layout  # noqa: E402
+from chroma_pipeline.raw_dataset import build_manifest  # noqa: E402
 
 SIZES = [(768, 512), (512, 768), (640, 640), (1024, 576)]
 

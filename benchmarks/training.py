@@ -61,19 +61,21 @@ def run(mode: str, config_path: Path, steps: int) -> dict:
     """In this process: train `steps` steps one way; returns per-step seconds and peak RSS."""
     from chroma_pipeline import models
     from chroma_pipeline.config import load_config
+    from chroma_pipeline.device import detect_device
     from chroma_pipeline.flow import add_noise, flow_target, image_position_ids, pack_latents, predict_velocity, sample_sigmas
     from chroma_pipeline.latents import load_latent_entry, scale_latents
+    from chroma_pipeline.layout import Layout
     from chroma_pipeline.lora import lora_config
+    from chroma_pipeline.lora_adapter import training_samples
     from chroma_pipeline.shards import ShardStore
-    from chroma_pipeline.steps import Layout, _model_dir, _text_width, _vae_config, training_samples
     from chroma_pipeline.text import load_embedding
-    from chroma_pipeline.train import bucket_batches, train_lora
+    from chroma_pipeline.training import bucket_batches, train_lora
 
     config = load_config(config_path, max_train_steps=steps, checkpointing_steps=10**6)
     layout = Layout(Path(config.output_dir))
-    model_dir = _model_dir(config, layout)
+    model_dir = models.resolve_model_dir(config, layout.models_dir)
     samples, empty_key = training_samples(layout)
-    vae, width = _vae_config(model_dir), _text_width(model_dir)
+    vae, width = models.vae_config(model_dir), models.text_width(model_dir)
     transformer = models.load_transformer(model_dir, torch.float32)
     times: list[float] = []
 
@@ -87,7 +89,7 @@ def run(mode: str, config_path: Path, steps: int) -> dict:
 
         with tempfile.TemporaryDirectory() as out:
             train_lora(config, transformer, samples, empty_key, layout.latent_dir, layout.embedding_dir, vae, width,
-                       Path(out) / "adapter", "cpu", torch.float32, log=clock, log_every=1)
+                       Path(out) / "adapter", detect_device("cpu"), log=clock, log_every=1)
     else:
         torch.manual_seed(config.seed)
         generator = torch.Generator().manual_seed(config.seed)

@@ -2,8 +2,9 @@
 
 A checkpoint is a folder `step_000050/` holding everything the loop needs to continue as if
 it had never stopped: the LoRA weights, the AdamW state, the LR scheduler and loss scaler,
-every random generator, how many batches the sampler has handed out, the losses so far and
-the progress renders. Tensors go to safetensors and the rest to JSON: nothing is unpickled
+the global random state (LoRA dropout), how many batches the sampler has handed out
+(which also fixes the noise of every batch to come), the losses so far and the progress
+renders. Tensors go to safetensors and the rest to JSON: nothing is unpickled
 on resume. The folder is written under a temporary name and renamed, and its manifest lists
 each file's sha256; a checkpoint whose files do not match is skipped with a warning.
 """
@@ -38,7 +39,7 @@ def _restore_optimizer(optimizer, tensors: dict[str, torch.Tensor], info: dict) 
     optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
 
 
-def save_checkpoint(folder: Path, step: int, *, transformer, optimizer, scheduler, scaler, generator, batches_drawn: int,
+def save_checkpoint(folder: Path, step: int, *, transformer, optimizer, scheduler, scaler, batches_drawn: int,
                     losses: list[float], progress: dict, keep_last: int | None, extra: dict | None = None) -> Path:
     from peft.utils import get_peft_model_state_dict
 
@@ -48,7 +49,7 @@ def save_checkpoint(folder: Path, step: int, *, transformer, optimizer, schedule
         save_file(adapter, str(staging / "adapter.safetensors"))
         tensors, optimizer_info = _optimizer_tensors(optimizer)
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(staging / "optimizer.safetensors"))
-        rng = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
+        rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng.update({f"cuda.{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
         save_file(rng, str(staging / "rng.safetensors"))
@@ -58,7 +59,8 @@ def save_checkpoint(folder: Path, step: int, *, transformer, optimizer, schedule
             picture.save(staging / "progress" / f"step_{render_step:06d}.png")
         (staging / "state.json").write_text(json.dumps({
             "step": step, "batches_drawn": batches_drawn, "losses": losses, "optimizer": optimizer_info,
-            "scheduler": scheduler_state, "scaler": scaler.state_dict(), "python_random": random.getstate(),
+            "scheduler": scheduler_state, "scaler": scaler.state_dict() if scaler is not None else {},
+            "python_random": random.getstate(),
             **(extra or {}),
         }))
         files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
@@ -100,7 +102,7 @@ def newest_usable(folder: Path, warn=print) -> Path | None:
     return None
 
 
-def restore_checkpoint(checkpoint: Path, *, transformer, optimizer, scheduler, scaler, generator) -> dict:
+def restore_checkpoint(checkpoint: Path, *, transformer, optimizer, scheduler, scaler) -> dict:
     """Load everything `save_checkpoint` wrote back into the live objects; returns the JSON state."""
     from peft.utils import set_peft_model_state_dict
 
@@ -111,9 +113,9 @@ def restore_checkpoint(checkpoint: Path, *, transformer, optimizer, scheduler, s
         raise RuntimeError(f"{checkpoint}: LoRA keys that match no layer: {incompatible.unexpected_keys[:3]}")
     _restore_optimizer(optimizer, load_file(str(checkpoint / "optimizer.safetensors")), state["optimizer"])
     scheduler.load_state_dict({**scheduler.state_dict(), **state["scheduler"]})
-    scaler.load_state_dict(state["scaler"])
+    if scaler is not None and state["scaler"]:  # fp16 only: accelerate has no scaler otherwise
+        scaler.load_state_dict(state["scaler"])
     rng = load_file(str(checkpoint / "rng.safetensors"))
-    generator.set_state(rng["generator"])
     torch.set_rng_state(rng["torch"])
     if torch.cuda.is_available() and "cuda.0" in rng:
         torch.cuda.set_rng_state_all([rng[f"cuda.{i}"] for i in range(torch.cuda.device_count()) if f"cuda.{i}" in rng])

@@ -18,6 +18,9 @@ from .dataset import read_manifest, usable
 from .device import DeviceInfo
 from .flow import image_position_ids, pack_latents, predict_velocity
 from .latents import load_latent_entry, read_latent_index
+from .layout import Layout
+from .lora import apply_adapter
+from .quantized_base import load_base_transformer, quantized_key, resolve_precision
 from .shards import ShardStore
 from .storage import write_json_atomic
 from .text import load_embedding, read_embedding_index
@@ -49,11 +52,9 @@ def _outcome(problems: list[str], ok: str, bad: str, counts: dict) -> CheckOutco
     return CheckOutcome(True, ok, [], counts)
 
 
-def latents_complete_and_finite(config: ChromaConfig, layout) -> CheckOutcome:
+def latents_complete_and_finite(config: ChromaConfig, layout: Layout) -> CheckOutcome:
     """Every usable image of the scan has a cached latent of its bucket's shape with finite values."""
-    from .steps import _model_dir, _vae_config
-
-    channels = _vae_config(_model_dir(config, layout))["latent_channels"]
+    channels = models.vae_config(models.resolve_model_dir(config, layout.models_dir))["latent_channels"]
     scanned = {row.path: row.image_sha256 for row in usable(read_manifest(layout.manifest))}
     entries = {entry.path: entry for entry in read_latent_index(layout.latent_index)}
     store = ShardStore(layout.latent_dir)
@@ -72,17 +73,15 @@ def latents_complete_and_finite(config: ChromaConfig, layout) -> CheckOutcome:
     )
 
 
-def embeddings_follow_mask_rule(config: ChromaConfig, layout) -> CheckOutcome:
+def embeddings_follow_mask_rule(config: ChromaConfig, layout: Layout) -> CheckOutcome:
     """Every cached embedding has its mask: the text's tokens plus exactly one padding token open, finite values.
 
     The tokenizer is cheap, so each text is tokenized again to count its real tokens;
     a text that fills `tokenizer_max_length` has no padding left to open.
     """
-    from .steps import _model_dir, _text_width
-
-    model_dir = _model_dir(config, layout)
+    model_dir = models.resolve_model_dir(config, layout.models_dir)
     tokenizer = models.load_tokenizer(model_dir)
-    width = _text_width(model_dir)
+    width = models.text_width(model_dir)
     max_length = config.tokenizer_max_length
     problems, truncated = [], 0
     entries = read_embedding_index(layout.embedding_index)
@@ -124,21 +123,17 @@ def probe_output(transformer, device: DeviceInfo, dtype) -> torch.Tensor:
     return predict_velocity(transformer, **_probe_inputs(transformer, dtype, device.torch_device)).float().cpu()
 
 
-def quantized_forward_is_finite(config: ChromaConfig, layout, device: DeviceInfo) -> CheckOutcome:
+def quantized_forward_is_finite(config: ChromaConfig, layout: Layout, device: DeviceInfo) -> CheckOutcome:
     """The saved base model, reloaded as training will reload it, gives a finite prediction."""
-    from .steps import _model_dir, quantized_key, resolve_precision
-
-    model_dir = _model_dir(config, layout)
+    model_dir = models.resolve_model_dir(config, layout.models_dir)
     precision, _reason = resolve_precision(config, layout, model_dir, device)
     key = quantized_key(config, model_dir, device, precision)
-    return remembered(layout.root / "checks" / f"forward-{key}.json",
+    return remembered(layout.checks_dir / f"forward-{key}.json",
                       lambda: _forward_is_finite(config, layout, device, precision))
 
 
-def _forward_is_finite(config: ChromaConfig, layout, device: DeviceInfo, precision: str) -> CheckOutcome:
-    from .steps import _model_dir, load_base_transformer
-
-    transformer = load_base_transformer(config, layout, _model_dir(config, layout), device)
+def _forward_is_finite(config: ChromaConfig, layout: Layout, device: DeviceInfo, precision: str) -> CheckOutcome:
+    transformer = load_base_transformer(config, layout, device, precision)
     output = probe_output(transformer, device, device.compute_dtype(config.mixed_precision))
     del transformer
     device.empty_cache()
@@ -154,23 +149,20 @@ def _forward_is_finite(config: ChromaConfig, layout, device: DeviceInfo, precisi
     )
 
 
-def adapter_changes_output(config: ChromaConfig, layout, device: DeviceInfo, adapter: Path) -> CheckOutcome:
+def adapter_changes_output(config: ChromaConfig, layout: Layout, device: DeviceInfo, adapter: Path) -> CheckOutcome:
     """diffusers' LoRA loader applies every key of the adapter, and the prediction moves."""
     # The adapter's folder is named by its key: same folder, same adapter.
-    return remembered(layout.root / "checks" / f"adapter-{adapter.parent.name}.json",
+    return remembered(layout.checks_dir / f"adapter-{adapter.parent.name}.json",
                       lambda: _adapter_changes_output(config, layout, device, adapter))
 
 
-def _adapter_changes_output(config: ChromaConfig, layout, device: DeviceInfo, adapter: Path) -> CheckOutcome:
+def _adapter_changes_output(config: ChromaConfig, layout: Layout, device: DeviceInfo, adapter: Path) -> CheckOutcome:
     from safetensors import safe_open
-
-    from .lora import apply_adapter
-    from .steps import _model_dir, load_base_transformer
 
     with safe_open(adapter, "pt") as file:
         in_file = sum(1 for key in file.keys() if ".lora_A." in key)
     dtype = device.compute_dtype(config.mixed_precision)
-    transformer = load_base_transformer(config, layout, _model_dir(config, layout), device)
+    transformer = load_base_transformer(config, layout, device)
     before = probe_output(transformer, device, dtype)
     apply_adapter(transformer, adapter, "check")
     after = probe_output(transformer, device, dtype)

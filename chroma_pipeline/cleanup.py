@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .latents import ENTRY_TENSORS, read_latent_index
+from .layout import Layout
 from .shards import ORPHAN_AGE_SECONDS, ShardStore
-from .steps import Layout
 from .text import entry_file as embedding_file
 from .text import read_embedding_index
 

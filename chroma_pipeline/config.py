@@ -94,7 +94,11 @@ class ChromaConfig(BaseModel):
     num_train_epochs: int | None = Field(None, ge=1)  # when set, replaces max_train_steps: epochs over the dataset
     repeats: int = Field(0, ge=0)  # extra times each image is seen per epoch (SimpleTuner's meaning: 0 = once)
     optimizer: Literal["adamw", "adamw8bit", "adafactor"] = "adamw"
-    num_processes: int = Field(1, ge=1)  # >1: lora_adapter launches `accelerate launch` (DDP, one GPU per process)
+    num_processes: int = Field(1, ge=1)  # per machine; >1: lora_adapter launches `accelerate launch` (DDP, one GPU each)
+    num_machines: int = Field(1, ge=1)  # >1: accelerate's multi-machine launch; this machine is `machine_rank`
+    machine_rank: int = Field(0, ge=0)  # the Dagster machine is usually 0; others run `python -m chroma_pipeline.launch`
+    main_process_ip: str = "127.0.0.1"  # where rank 0 listens when num_machines > 1 (an address the others reach)
+    main_process_port: int = Field(29500, ge=1, le=65535)
     adam_weight_decay: float = Field(1e-2, ge=0.0)
     mixed_precision: Literal["bf16", "fp16", "no"] = "bf16"
     gradient_checkpointing: bool = True
@@ -138,6 +142,15 @@ class ChromaConfig(BaseModel):
             raise ValueError(
                 f"`resolution` = {self.resolution:g} must be a multiple of 64 pixels for resolution_type "
                 f"{self.resolution_type!r} (try {suggestion}), or set resolution_type 'area' for megapixels"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _machine_rank_in_range(self):
+        if self.machine_rank >= self.num_machines:
+            raise ValueError(
+                f"`machine_rank` = {self.machine_rank} with `num_machines` = {self.num_machines}: machines are numbered "
+                f"0 to {self.num_machines - 1}"
             )
         return self
 

@@ -1,89 +1,72 @@
-"""One training process or many: what the loop needs to know about its peers, in one small object.
+"""One training process or many: the little that accelerate does not do for us.
 
-`accelerate launch` (torchrun underneath) starts N copies of `python -m chroma_pipeline.train`
-with RANK / WORLD_SIZE set. Every rank trains on its own batches; after each backward the
-LoRA gradients are averaged across ranks, so every rank takes the same optimizer step and
-holds the same adapter. Only rank 0 logs, renders, evaluates, checkpoints and saves.
+`accelerate launch` (torchrun underneath) starts N copies of `python -m chroma_pipeline.train`,
+on one machine or several. accelerate's `Accelerator` places the model, wraps it in DDP
+(gradients bucketed and averaged across ranks), autocasts, scales fp16 losses, accumulates
+and clips. What is left here: our collective timeout, pinning a GPU in a single process,
+keeping frozen base weights out of DDP, ranks agreeing on a flag, and stopping on a signal.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
-import torch.distributed as dist
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+from .device import DeviceInfo
+
+# Rank 0 renders and evaluates alone while the others wait in the next collective; at
+# 1024 px with many prompts that outlasts torch's default 10-minute timeout.
+COLLECTIVE_TIMEOUT = timedelta(hours=2)
 
 
-@dataclass(frozen=True)
-class Ranks:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def average_gradients(self, parameters) -> None:
-        if self.world > 1:
-            for parameter in parameters:
-                if parameter.grad is not None:
-                    dist.all_reduce(parameter.grad)
-                    parameter.grad /= self.world
-
-    def mean(self, value: float, device: str = "cpu") -> float:
-        if self.world == 1:
-            return value
-        tensor = torch.tensor([value], device=device)
-        dist.all_reduce(tensor)
-        return tensor.item() / self.world
-
-    def any(self, flag: bool, device: str = "cpu") -> bool:
-        """True on every rank when it is true on one: ranks agree on stopping at the same step."""
-        if self.world == 1:
-            return flag
-        tensor = torch.tensor([int(flag)], device=device)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-        return bool(tensor.item())
-
-    def gather(self, value) -> list:
-        if self.world == 1:
-            return [value]
-        gathered = [None] * self.world
-        dist.all_gather_object(gathered, value)
-        return gathered
-
-    def broadcast(self, value):
-        """Rank 0's `value` on every rank."""
-        if self.world == 1:
-            return value
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
+def _pin_single_gpu(device: DeviceInfo) -> None:
+    """accelerate trains one process on the *current* CUDA device; make that the pinned one (cuda:1, say).
+    Under `accelerate launch` each rank takes the GPU of its LOCAL_RANK instead."""
+    if device.torch_device.startswith("cuda:") and os.environ.get("WORLD_SIZE", "1") == "1":
+        torch.cuda.set_device(torch.device(device.torch_device))
 
 
-def from_environment(device_kind: str) -> Ranks:
-    """The ranks torchrun / accelerate launch describe in the environment; one process when they do not."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Ranks()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
-        gpu = device_kind in ("cuda", "rocm")  # ROCm's RCCL answers to "nccl"
-        if gpu:
-            torch.cuda.set_device(local_rank)  # or every rank's collectives would land on GPU 0
-        # CPU tensors (the loss, the stop flag, gathered objects) go through gloo, GPU ones through NCCL.
-        # Rank 0 renders and evaluates alone while the others wait in the next all-reduce; at
-        # 1024 px with many prompts that outlasts the default 10-minute collective timeout.
-        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if gpu else "gloo", timeout=timedelta(hours=2))
-    return Ranks(rank=dist.get_rank(), world=world, local_rank=local_rank)
+def process_state(device: DeviceInfo) -> PartialState:
+    """The processes of this run (one, or every rank under `accelerate launch`), with the process group up."""
+    _pin_single_gpu(device)
+    return PartialState(cpu=device.kind == "cpu", timeout=COLLECTIVE_TIMEOUT)
+
+
+def make_accelerator(device: DeviceInfo, dtype: torch.dtype, gradient_accumulation_steps: int) -> Accelerator:
+    _pin_single_gpu(device)
+    mixed_precision = {torch.float32: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    return Accelerator(
+        cpu=device.kind == "cpu",
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        kwargs_handlers=[
+            InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT),
+            # Every rank loads the same frozen base from disk, so nothing but the LoRA needs syncing.
+            DistributedDataParallelKwargs(broadcast_buffers=False),
+        ],
+    )
+
+
+def keep_frozen_weights_out_of_ddp(model: torch.nn.Module) -> None:
+    """DDP broadcasts every parameter and buffer from rank 0 when it wraps a model: for Chroma
+    that is ~9B frozen weights, quantized ones among them (which its broadcast cannot flatten).
+    Each rank loaded the same base from disk already; only the LoRA weights need to agree."""
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    frozen += [name for name, _ in model.named_buffers()]
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
+
+
+def any_rank(accelerator: Accelerator, flag: bool) -> bool:
+    """True on every rank when it is true on one: ranks agree on stopping at the same step."""
+    if accelerator.num_processes == 1:
+        return flag
+    votes = accelerator.reduce(torch.tensor([int(flag)], device=accelerator.device), reduction="sum")
+    return bool(votes.item())
 
 
 class StopRequest:

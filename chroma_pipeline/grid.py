@@ -14,6 +14,11 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 LABEL_HEIGHT = 28
+# The settings that decide what a render shows; the renders made while training are tagged with them.
+VALIDATION_SETTINGS = (
+    "validation_prompts", "validation_negative_prompt", "validation_seed", "validation_guidance_real",
+    "validation_num_inference_steps", "validation_resolution",
+)
 
 
 @dataclass

@@ -20,6 +20,8 @@ from .storage import sha256_file, write_json_atomic
 from .tiny import build_tiny_chroma
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+# The settings that decide which weights a step loads, at which dtype: every model-reading step reads them.
+MODEL_SETTINGS = ("model_flavour", "pretrained_model_name_or_path", "revision", "mixed_precision")
 # Only what the pipeline needs, and only safetensors: nothing gets unpickled.
 _ALLOW = ["model_index.json", *(f"{name}/*" for name in COMPONENTS)]
 _NEVER = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.msgpack", "*.onnx*"]
@@ -140,6 +142,16 @@ def weights_digest(path: Path) -> str:
         memo[memo_key] = sha256_file(real)
         write_json_atomic(memo_file, memo)
     return memo[memo_key]
+
+
+def vae_config(model_dir: Path) -> dict:
+    """The VAE's config.json (latent channels, shift and scaling factors), read without importing diffusers."""
+    return json.loads((Path(model_dir) / "vae" / "config.json").read_text())
+
+
+def text_width(model_dir: Path) -> int:
+    """The width of T5's hidden states (4096 for T5-XXL)."""
+    return json.loads((Path(model_dir) / "text_encoder" / "config.json").read_text())["d_model"]
 
 
 def load_transformer(model_dir: Path, dtype: torch.dtype):

@@ -3,7 +3,7 @@ from pathlib import Path
 from dagster import ConfigurableResource
 
 from chroma_pipeline.config import ChromaConfig
-from chroma_pipeline.steps import Layout
+from chroma_pipeline.layout import Layout
 
 
 class ArtifactStore(ConfigurableResource):

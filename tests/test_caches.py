@@ -11,7 +11,10 @@ import chroma_pipeline.text as text_module
 from chroma_pipeline import models
 from chroma_pipeline.config import load_config
 from chroma_pipeline.device import detect_device
-from chroma_pipeline.steps import Layout, build_embeddings, build_latents, build_manifest
+from chroma_pipeline.image_latents import build_latents
+from chroma_pipeline.layout import Layout
+from chroma_pipeline.raw_dataset import build_manifest
+from chroma_pipeline.text_embeddings import build_embeddings
 from tests.conftest import write_config
 
 

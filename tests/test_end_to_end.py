@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import chroma_pipeline.grid as grid_module
 import chroma_pipeline.quantize as quantize_module
 import chroma_pipeline.text as text_module
-import chroma_pipeline.train as train_module
+import chroma_pipeline.training as train_module
 from assets.definitions import build_definitions, materialize_chain
 from chroma_pipeline.config import ConfigError
 from tests.conftest import write_config

@@ -43,9 +43,10 @@ def test_a_stop_signal_ends_training_after_a_checkpoint_and_leaves_no_worker_beh
     write_config(small_project, {**values, "num_processes": 2, "max_train_steps": 2000, "validation_steps": 0,
                                  "checkpointing_steps": 1000})
     assert materialize_chain(str(small_project), DagsterInstance.ephemeral(), selection=CACHE_STEPS, device="cpu").success
-    from chroma_pipeline.train import launch_command
+    from chroma_pipeline.config import load_config
+    from chroma_pipeline.launch import launch_command
 
-    launcher = subprocess.Popen(launch_command(str(small_project), 2, "cpu"), cwd=REPO, stdout=subprocess.PIPE,
+    launcher = subprocess.Popen(launch_command(str(small_project), load_config(small_project), "cpu"), cwd=REPO, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     deadline = time.monotonic() + 180
     for line in launcher.stdout:  # wait until training is under way

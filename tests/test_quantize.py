@@ -7,16 +7,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import chroma_pipeline.lora_adapter as adapter_step
 import chroma_pipeline.quantize as quantize_module
-import chroma_pipeline.steps as steps_module
+import chroma_pipeline.quantized_base as base_step
 from chroma_pipeline import flow
 from chroma_pipeline.config import KEEP_FULL_PRECISION, config_from_dict, load_config
 from chroma_pipeline.device import detect_device
+from chroma_pipeline.layout import Layout
 from chroma_pipeline.lora import lora_config, target_modules
 from chroma_pipeline.memory import AUTO_ORDER, choose_precision, estimate
 from chroma_pipeline.models import load_transformer
 from chroma_pipeline.quantize import QuantizationUnavailable
-from chroma_pipeline.steps import Layout, build_quantized
+from chroma_pipeline.quantized_base import build_quantized
 from tests.conftest import CACHE_STEPS
 
 # Relative error of the transformer's output against fp32, per precision, on the tiny model.
@@ -156,7 +158,7 @@ def test_auto_takes_the_most_precise_precision_that_fits_and_says_why():
 
 def test_a_machine_that_cannot_hold_the_quantization_is_told_before_anything_loads(small_project, monkeypatch):
     config = load_config(small_project)
-    monkeypatch.setattr(steps_module, "host_available", lambda: 1024)
+    monkeypatch.setattr(base_step, "host_available", lambda: 1024)
     monkeypatch.setattr(quantize_module, "quantize_to_folder", lambda *a, **k: pytest.fail("must stop before this"))
     with pytest.raises(MemoryError, match=r"quantizing to int8-quanto needs about .* GiB but only 0.0 GiB"):
         build_quantized(config, Layout(Path(config.output_dir)), detect_device("cpu"))
@@ -181,7 +183,7 @@ def test_training_that_cannot_fit_is_refused_before_the_model_loads(small_projec
 
     assert materialize_chain(str(small_project), DagsterInstance.ephemeral(), selection=CACHE_STEPS, device="cpu").success
     monkeypatch.setattr(DeviceInfo, "free_memory_bytes", lambda self: 2**20)
-    monkeypatch.setattr(steps_module, "load_base_transformer", lambda *a, **k: pytest.fail("must stop before loading"))
+    monkeypatch.setattr(adapter_step, "load_base_transformer", lambda *a, **k: pytest.fail("must stop before loading"))
     config = load_config(small_project)
     with pytest.raises(MemoryError, match=r"training a rank-8 LoRA at int8-quanto needs about .* GiB but only 0.0 GiB"):
-        steps_module.build_adapter(config, Layout(Path(config.output_dir)), detect_device("cpu"))
+        adapter_step.build_adapter(config, Layout(Path(config.output_dir)), detect_device("cpu"))

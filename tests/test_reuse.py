@@ -6,18 +6,16 @@ from pathlib import Path
 import pytest
 
 import chroma_pipeline.grid as grid_module
-import chroma_pipeline.train as train_module
+import chroma_pipeline.training as train_module
 from chroma_pipeline.config import load_config
 from chroma_pipeline.device import detect_device
-from chroma_pipeline.steps import (
-    Layout,
-    build_adapter,
-    build_embeddings,
-    build_grid,
-    build_latents,
-    build_manifest,
-    build_quantized,
-)
+from chroma_pipeline.image_latents import build_latents
+from chroma_pipeline.layout import Layout
+from chroma_pipeline.lora_adapter import build_adapter
+from chroma_pipeline.quantized_base import build_quantized
+from chroma_pipeline.raw_dataset import build_manifest
+from chroma_pipeline.text_embeddings import build_embeddings
+from chroma_pipeline.validation_grid import build_grid
 from tests.conftest import write_config
 
 

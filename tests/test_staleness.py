@@ -17,7 +17,7 @@ from PIL import Image
 
 import chroma_pipeline.quantize as quantize_module
 import chroma_pipeline.text as text_module
-import chroma_pipeline.train as train_module
+import chroma_pipeline.training as train_module
 from assets.definitions import build_definitions, materialize_chain
 from tests.conftest import write_config
 

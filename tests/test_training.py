@@ -9,10 +9,11 @@ import torch
 from dagster import DagsterInstance
 from safetensors.torch import load_file
 
-import chroma_pipeline.train as train_module
+import chroma_pipeline.training as train_module
 from assets.definitions import materialize_chain
-from chroma_pipeline.steps import Layout, training_samples
-from chroma_pipeline.train import split_held_out
+from chroma_pipeline.layout import Layout
+from chroma_pipeline.lora_adapter import training_samples
+from chroma_pipeline.training import split_held_out
 from tests.conftest import CACHE_STEPS, write_config
 
 pytestmark = pytest.mark.slow
@@ -51,7 +52,7 @@ def test_held_out_samples_never_train_and_their_loss_is_the_same_number_for_the_
 
 def test_the_split_is_stable_by_content_and_never_empties_training():
     from chroma_pipeline.latents import LatentEntry
-    from chroma_pipeline.train import TrainingSample
+    from chroma_pipeline.training import TrainingSample
 
     samples = [TrainingSample(LatentEntry(f"img{i}.png", f"sha{i}", 64, 64, f"k{i}"), f"e{i}") for i in range(8)]
     train, held = split_held_out(samples, 0.25, seed=42)
@@ -67,7 +68,7 @@ def test_the_split_is_stable_by_content_and_never_empties_training():
 def test_repeats_and_epochs_decide_what_an_epoch_is():
     from chroma_pipeline.config import config_from_dict
     from chroma_pipeline.latents import LatentEntry
-    from chroma_pipeline.train import TrainingSample, bucket_batches, total_steps
+    from chroma_pipeline.training import TrainingSample, bucket_batches, total_steps
 
     square = [TrainingSample(LatentEntry(f"s{i}.png", f"s{i}", 64, 64, f"s{i}"), "e") for i in range(3)]
     wide = [TrainingSample(LatentEntry(f"w{i}.png", f"w{i}", 128, 64, f"w{i}"), "e") for i in range(2)]
@@ -85,7 +86,7 @@ def test_repeats_and_epochs_decide_what_an_epoch_is():
 
 def test_adamw8bit_on_a_cpu_says_what_to_use_instead():
     from chroma_pipeline.config import config_from_dict
-    from chroma_pipeline.train import make_optimizer
+    from chroma_pipeline.training import make_optimizer
 
     with pytest.raises(RuntimeError, match="needs bitsandbytes on a CUDA or ROCm GPU.*use 'adamw'"):
         make_optimizer(config_from_dict({"optimizer": "adamw8bit"}), [torch.nn.Parameter(torch.zeros(2))], "cpu")
@@ -96,7 +97,7 @@ def test_dropout_optimizer_targets_and_starting_from_an_existing_lora(small_proj
 
     from chroma_pipeline.config import load_config
     from chroma_pipeline.device import detect_device
-    from chroma_pipeline.steps import build_adapter
+    from chroma_pipeline.lora_adapter import build_adapter
 
     assert materialize_chain(str(small_project), DagsterInstance.ephemeral(), selection=CACHE_STEPS, device="cpu").success
     values = {**json.loads(small_project.read_text()), "max_train_steps": 3, "validation_steps": 0}

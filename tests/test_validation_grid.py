@@ -11,12 +11,14 @@ from dagster import DagsterInstance
 from diffusers import ChromaTransformer2DModel
 from PIL import Image
 
+from assets._versions import STEP_SETTINGS
 from assets.definitions import materialize_chain
 from chroma_pipeline import models
 from chroma_pipeline.config import ConfigError, load_config
 from chroma_pipeline.device import detect_device
 from chroma_pipeline.grid import Cell, make_pipeline, render
-from chroma_pipeline.steps import STEP_SETTINGS, Layout, build_grid
+from chroma_pipeline.layout import Layout
+from chroma_pipeline.validation_grid import build_grid
 from tests.conftest import write_config
 
 

@@ -1,0 +1,96 @@
+"""Step `text_embeddings`: masked T5 embeddings of every caption, the empty caption and the validation prompts.
+
+Later steps read the prompts' embeddings from this cache (`cached_prompt`), so T5 is
+loaded only when a text is new.
+"""
+
+from __future__ import annotations
+
+import gc
+
+from . import models
+from .config import ChromaConfig
+from .dataset import ManifestRow, read_manifest, usable
+from .device import DeviceInfo
+from .layout import Layout, StepResult
+from .quantize import quantize_model, quanto_version
+from .storage import combine_hashes
+from .text import encode_texts, load_embedding, read_embedding_index, write_embedding_index
+
+SETTINGS = (
+    "output_dir", *models.MODEL_SETTINGS, "tokenizer_max_length", "flux_t5_padding", "text_encoder_precision",
+    "validation_prompts", "validation_negative_prompt",
+)
+
+
+def texts_to_encode(config: ChromaConfig, rows: list[ManifestRow]) -> list[tuple[str, str, str]]:
+    """Captions, the empty caption (for caption dropout and CFG), validation and negative prompts."""
+    texts = [("caption", row.caption, row.path) for row in rows]
+    texts.append(("empty", "", ""))
+    texts += [("validation", prompt, "") for prompt in config.validation_prompts]
+    texts.append(("negative", config.validation_negative_prompt, ""))
+    return texts
+
+
+def build_embeddings(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=print) -> StepResult:
+    rows = usable(read_manifest(layout.manifest))
+    model_dir = models.resolve_model_dir(config, layout.models_dir)
+    dtype = device.compute_dtype(config.mixed_precision)
+
+    def load_encoder():  # only when a text needs encoding
+        log(f"loading T5 text encoder ({config.text_encoder_precision}) from {model_dir}")
+        encoder = models.load_text_encoder(model_dir, dtype)
+        if config.text_encoder_precision == "int8-quanto":
+            quantize_model(encoder, "int8-quanto", keep=())
+        return models.load_tokenizer(model_dir), encoder.to(device.torch_device).eval()
+
+    identity = combine_hashes(
+        models.component_identity(model_dir, "text_encoder"), models.component_identity(model_dir, "tokenizer"),
+        config.text_encoder_precision, quanto_version() if config.text_encoder_precision != "no_change" else "",
+    )
+    previous = {e.cache_key for e in read_embedding_index(layout.embedding_index)} if layout.embedding_index.is_file() else set()
+    entries, stats = encode_texts(
+        texts_to_encode(config, rows), layout.embedding_dir, load_encoder,
+        width=models.text_width(model_dir), encoder_identity=identity,
+        max_length=config.tokenizer_max_length, padding=config.flux_t5_padding,
+        device=device.torch_device, dtype=dtype, log=log,
+    )
+    gc.collect()  # the encoder is out of scope now; make sure its memory goes back before training
+    device.empty_cache()
+    write_embedding_index(entries, layout.embedding_index)
+    current = {e.cache_key for e in entries}
+    stats.update(distinct_texts=len(current), dropped=len(previous - current))
+    return StepResult(embeddings_version(entries), layout.embedding_index, stats)
+
+
+def embeddings_version(entries) -> str:
+    """What training reads from this cache: each file's caption embedding and the empty one.
+
+    Validation prompts are left out on purpose: a new prompt re-renders the grid (its own
+    code version says so) but must not make the adapter look out of date.
+    """
+    return combine_hashes(*sorted(f"{e.role}:{e.path}:{e.cache_key}" for e in entries if e.role in ("caption", "empty")))
+
+
+def cached_prompts(config: ChromaConfig, layout: Layout):
+    """The validation prompts and the negative prompt from the text cache, for rendering without T5.
+
+    Returns (prompts, {prompt: (prompt_embeds, attention_mask)}, (negative embeds, mask), cache keys).
+    """
+    texts = {(e.role, e.text): e.cache_key for e in read_embedding_index(layout.embedding_index)}
+    width = models.text_width(models.resolve_model_dir(config, layout.models_dir))
+    keys = []
+
+    def cached(role: str, text: str):
+        if (role, text) not in texts:
+            raise RuntimeError(f"the {role} prompt {text!r} has no cached embedding: re-materialize text_embeddings")
+        keys.append(texts[(role, text)])
+        entry = load_embedding(layout.embedding_dir, texts[(role, text)], config.tokenizer_max_length, width)
+        if entry is None:
+            raise RuntimeError(f"the {role} prompt {text!r}: cached embedding missing or corrupt; re-materialize text_embeddings")
+        return entry["prompt_embeds"], entry["attention_mask"]
+
+    prompts = config.validation_prompts
+    embeddings = {prompt: cached("validation", prompt) for prompt in prompts}
+    negative = cached("negative", config.validation_negative_prompt)
+    return prompts, embeddings, negative, keys
