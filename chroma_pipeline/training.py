@@ -7,12 +7,9 @@ one process, N processes (`accelerate launch`, DDP) and N machines run the same 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import random
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,12 +19,13 @@ from accelerate.utils import gather_object
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .batches import TrainingSample, batch_generator, bucket_batches, load_batch, total_steps
 from .checkpoints import newest_usable, restore_checkpoint, save_checkpoint
 from .config import ChromaConfig
 from .device import DeviceInfo
 from .distributed import StopRequest, TrainingStopped, any_rank, keep_frozen_weights_out_of_ddp, make_accelerator
 from .flow import add_noise, flow_target, image_position_ids, pack_latents, predict_velocity, sample_sigmas
-from .latents import LatentEntry, load_latent_entry, scale_latents
+from .held_out import held_out_loss, split_held_out
 from .lora import load_initial_adapter, lora_config, save_adapter
 from .shards import ShardStore
 from .storage import atomic_dir
@@ -43,12 +41,6 @@ TRAINING_SETTINGS = (
 
 
 @dataclass
-class TrainingSample:
-    latent: LatentEntry
-    embedding_key: str
-
-
-@dataclass
 class TrainingResult:
     adapter_path: Path
     losses: list[float]
@@ -56,46 +48,6 @@ class TrainingResult:
     seconds: float
     trainable_parameters: int
     extra: dict = field(default_factory=dict)
-
-
-def bucket_batches(samples: list[TrainingSample], batch_size: int, seed: int, repeats: int = 0):
-    """Endless batches, each from a single bucket; every sample appears 1 + `repeats` times per epoch."""
-    by_bucket: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for index, sample in enumerate(samples):
-        by_bucket[(sample.latent.bucket_width, sample.latent.bucket_height)] += [index] * (1 + repeats)
-    epoch = 0
-    while True:
-        rng = random.Random(seed * 1_000_003 + epoch)
-        batches = []
-        for bucket in sorted(by_bucket):
-            indices = by_bucket[bucket][:]
-            rng.shuffle(indices)
-            batches += [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
-        rng.shuffle(batches)
-        yield from batches
-        epoch += 1
-
-
-def batch_generator(seed: int, draw: int) -> torch.Generator:
-    """The randomness of the `draw`-th batch of the shared order (posterior sample, caption dropout,
-    sigmas, noise). Tied to the batch, not to a rank: 1 process accumulating 2 batches, 2 processes
-    and 2 machines train on the same noise and end with the same adapter, and a resumed run needs
-    no generator state to continue exactly."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + draw)
-
-
-def total_steps(config: ChromaConfig, samples: list[TrainingSample], processes: int = 1) -> int:
-    """`max_train_steps`, or `num_train_epochs` passes over the samples (with repeats) when that is set.
-
-    Each step takes `gradient_accumulation_steps` batches on each of `processes` ranks.
-    """
-    if config.num_train_epochs is None:
-        return config.max_train_steps
-    per_bucket = defaultdict(int)
-    for sample in samples:
-        per_bucket[(sample.latent.bucket_width, sample.latent.bucket_height)] += 1 + config.repeats
-    batches = sum(math.ceil(count / config.train_batch_size) for count in per_bucket.values())
-    return config.num_train_epochs * math.ceil(batches / (config.gradient_accumulation_steps * processes))
 
 
 def make_optimizer(config: ChromaConfig, parameters, device: torch.device):
@@ -113,68 +65,12 @@ def make_optimizer(config: ChromaConfig, parameters, device: torch.device):
     return torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.adam_weight_decay)
 
 
-# Held-out loss is measured at these sigmas with noise fixed by the seed, so the number moves
-# only when the adapter does: comparable across evaluations, runs and retrains.
-HELD_OUT_SIGMAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-
-
-def split_held_out(samples: list[TrainingSample], share: float, seed: int):
-    """(training samples, held-out samples): a stable `share`, chosen by image content, so renames keep the split."""
-    if share <= 0:
-        return samples, []
-    ranked = sorted(samples, key=lambda s: hashlib.sha256(f"{seed}:{s.latent.image_sha256}".encode()).hexdigest())
-    count = max(1, round(share * len(samples)))
-    if count >= len(samples):
-        raise ValueError(f"validation_loss_share {share} of {len(samples)} samples leaves none to train on")
-    held = {id(s) for s in ranked[:count]}
-    return [s for s in samples if id(s) not in held], [s for s in samples if id(s) in held]
-
-
-@torch.no_grad()
-def held_out_loss(transformer, held: list[TrainingSample], load: dict, seed: int) -> float:
-    """The flow-matching loss on samples training never sees, at fixed sigmas and fixed noise."""
-    generator = torch.Generator().manual_seed(seed)  # the same posterior draws and noise at every evaluation
-    device, dtype = load["device"], load["dtype"]
-    total = 0.0
-    for index in range(len(held)):
-        x0, prompt_embeds, text_mask = _load_batch([index], **{**load, "samples": held}, generator=generator)
-        latents = pack_latents(x0)
-        image_ids = image_position_ids(x0.shape[2], x0.shape[3])
-        for sigma in HELD_OUT_SIGMAS:
-            noise = torch.randn(latents.shape, generator=generator).to(device)
-            sigmas = torch.full((1,), sigma, device=device)
-            velocity = predict_velocity(transformer, add_noise(latents, noise, sigmas).to(dtype), sigmas,
-                                        prompt_embeds, text_mask, image_ids)
-            total += F.mse_loss(velocity.float(), flow_target(latents, noise).float()).item()
-    return total / (len(held) * len(HELD_OUT_SIGMAS))
-
-
 def _memory_in_use(device: torch.device) -> str:
     if device.type == "cuda":
         return f"peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
     import psutil
 
     return f"RSS {psutil.Process().memory_info().rss / 2**30:.1f} GiB"
-
-
-def _load_batch(batch, samples, latent_store, embedding_dir, vae_config, text_width, max_length, device, dtype, generator):
-    latents, embeds, masks = [], [], []
-    for index in batch:
-        sample = samples[index]
-        entry = load_latent_entry(latent_store, sample.latent, vae_config["latent_channels"])
-        if entry is None:
-            raise RuntimeError(f"latent cache entry for {sample.latent.path} is missing or corrupt: re-materialize image_latents")
-        text = load_embedding(embedding_dir, sample.embedding_key, max_length, text_width)
-        if text is None:
-            raise RuntimeError(f"text embedding for {sample.latent.path} is missing or corrupt: re-materialize text_embeddings")
-        # A fresh draw from the VAE posterior each time: free augmentation, as the VAE intends.
-        eps = torch.randn(entry["std"].shape, generator=generator)
-        latents.append(entry["mean"].float() + entry["std"].float() * eps)
-        embeds.append(text["prompt_embeds"])
-        masks.append(text["attention_mask"])
-    x0 = scale_latents(torch.stack(latents), vae_config["shift_factor"], vae_config["scaling_factor"])
-    # Latents stay fp32: the regression target is computed before anything is rounded to bf16.
-    return x0.to(device), torch.stack(embeds).to(device, dtype), torch.stack(masks).to(device)
 
 
 def train_lora(
@@ -282,7 +178,7 @@ def train_lora(
                 drawn += world
                 seen += len(batch)
                 generator = batch_generator(config.seed, draw)
-                x0, prompt_embeds, text_mask = _load_batch(batch, **load, generator=generator)
+                x0, prompt_embeds, text_mask = load_batch(batch, **load, generator=generator)
                 if config.caption_dropout_probability > 0:
                     drop = torch.rand(x0.shape[0], generator=generator) < config.caption_dropout_probability
                     prompt_embeds[drop] = empty["prompt_embeds"].to(on_device, dtype)

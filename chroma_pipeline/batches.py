@@ -1,0 +1,84 @@
+"""What each training step trains on: batches from one bucket each, their randomness, and loading them.
+
+Every rank of a multi-process run walks the same endless batch order; rank r of N takes
+every N-th batch. A batch's noise is fixed by its place in that order, not by who trains it.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from .config import ChromaConfig
+from .latents import LatentEntry, load_latent_entry, scale_latents
+from .text import load_embedding
+
+
+@dataclass
+class TrainingSample:
+    latent: LatentEntry
+    embedding_key: str
+
+
+def bucket_batches(samples: list[TrainingSample], batch_size: int, seed: int, repeats: int = 0):
+    """Endless batches, each from a single bucket; every sample appears 1 + `repeats` times per epoch."""
+    by_bucket: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for index, sample in enumerate(samples):
+        by_bucket[(sample.latent.bucket_width, sample.latent.bucket_height)] += [index] * (1 + repeats)
+    epoch = 0
+    while True:
+        rng = random.Random(seed * 1_000_003 + epoch)
+        batches = []
+        for bucket in sorted(by_bucket):
+            indices = by_bucket[bucket][:]
+            rng.shuffle(indices)
+            batches += [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+        rng.shuffle(batches)
+        yield from batches
+        epoch += 1
+
+
+def batch_generator(seed: int, draw: int) -> torch.Generator:
+    """The randomness of the `draw`-th batch of the shared order (posterior sample, caption dropout,
+    sigmas, noise). Tied to the batch, not to a rank: 1 process accumulating 2 batches, 2 processes
+    and 2 machines train on the same noise and end with the same adapter, and a resumed run needs
+    no generator state to continue exactly."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + draw)
+
+
+def total_steps(config: ChromaConfig, samples: list[TrainingSample], processes: int = 1) -> int:
+    """`max_train_steps`, or `num_train_epochs` passes over the samples (with repeats) when that is set.
+
+    Each step takes `gradient_accumulation_steps` batches on each of `processes` ranks.
+    """
+    if config.num_train_epochs is None:
+        return config.max_train_steps
+    per_bucket = defaultdict(int)
+    for sample in samples:
+        per_bucket[(sample.latent.bucket_width, sample.latent.bucket_height)] += 1 + config.repeats
+    batches = sum(math.ceil(count / config.train_batch_size) for count in per_bucket.values())
+    return config.num_train_epochs * math.ceil(batches / (config.gradient_accumulation_steps * processes))
+
+
+def load_batch(batch, samples, latent_store, embedding_dir, vae_config, text_width, max_length, device, dtype, generator):
+    latents, embeds, masks = [], [], []
+    for index in batch:
+        sample = samples[index]
+        entry = load_latent_entry(latent_store, sample.latent, vae_config["latent_channels"])
+        if entry is None:
+            raise RuntimeError(f"latent cache entry for {sample.latent.path} is missing or corrupt: re-materialize image_latents")
+        text = load_embedding(embedding_dir, sample.embedding_key, max_length, text_width)
+        if text is None:
+            raise RuntimeError(f"text embedding for {sample.latent.path} is missing or corrupt: re-materialize text_embeddings")
+        # A fresh draw from the VAE posterior each time: free augmentation, as the VAE intends.
+        eps = torch.randn(entry["std"].shape, generator=generator)
+        latents.append(entry["mean"].float() + entry["std"].float() * eps)
+        embeds.append(text["prompt_embeds"])
+        masks.append(text["attention_mask"])
+    x0 = scale_latents(torch.stack(latents), vae_config["shift_factor"], vae_config["scaling_factor"])
+    # Latents stay fp32: the regression target is computed before anything is rounded to bf16.
+    return x0.to(device), torch.stack(embeds).to(device, dtype), torch.stack(masks).to(device)
