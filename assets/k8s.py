@@ -81,8 +81,9 @@ def gpu_op_tags(
                 "node_selector": dict(GPU_NODE_SELECTOR if node_selector is None else node_selector),
                 "tolerations": [dict(t) for t in (GPU_TOLERATIONS if tolerations is None else tolerations)],
                 "volumes": [volume, shm_volume],
-                # Cancelling deletes the pod's Job: the pod gets SIGTERM, and training writes a
-                # checkpoint before it exits. Kubernetes' default grace period is 30 s.
+                # Cancelling deletes the pod's Job and the pod gets SIGTERM; with num_processes > 1 the
+                # training processes then finish their step and write a checkpoint (main README, "More
+                # than one GPU"), which can take longer than Kubernetes' default grace period of 30 s.
                 "termination_grace_period_seconds": 300,
             },
         }
