@@ -64,7 +64,8 @@ def gpu_op_tags(
     volume, mount = shared_volume(claim_name, mount_path)
     # Kubernetes does not overcommit GPUs: for an extended resource a request must equal its limit,
     # so both are set. Memory request = limit: the scheduler places the pod only where `memory` is
-    # free, and the pod is not evicted first under node memory pressure.
+    # free, and a pod that never uses more than it requested is among the last the kubelet evicts
+    # when a node runs short of memory.
     resources = {GPU_RESOURCE: str(gpus), "memory": memory}
     # NCCL (DDP between the processes) and DataLoader workers pass tensors through /dev/shm, which
     # a container gets at 64 MiB by default; a memory-backed emptyDir lifts that. Its pages count
@@ -93,8 +94,8 @@ def gpu_op_tags(
 def cpu_op_tags(cpu: str = "1", memory: str = "4Gi", *, claim_name: str = PVC_NAME, mount_path: str = DATA_MOUNT) -> dict:
     """Tags for a step that needs no GPU (the dataset scan: file hashes, image sizes, captions).
 
-    No node selector or toleration, so the pod stays off tainted GPU nodes. It still mounts the
-    shared volume: the scan writes `dataset/manifest.parquet` under `output_dir`.
+    No node selector and no toleration: the pod does not land on GPU nodes that carry a taint. It
+    still mounts the shared volume: the scan writes `dataset/manifest.parquet` under `output_dir`.
     """
     volume, mount = shared_volume(claim_name, mount_path)
     return {
