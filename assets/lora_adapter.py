@@ -9,11 +9,15 @@ from resources import ArtifactStore, ChromaConfigResource, GPUResource
 from ._metadata import as_dagster_metadata
 from ._versions import load_config_for
 from .image_latents import image_latents
+from .k8s import gpu_op_tags
 from .quantized_base_model import quantized_base_model
 from .text_embeddings import text_embeddings
 
 
-@asset(deps=[image_latents, text_embeddings, quantized_base_model], group_name="chroma", kinds={"safetensors", "pytorch"})
+# The pod this step gets under dagster-k8s's k8s_job_executor: GPUs, memory, the shared volume
+# (deploy/README.md). Under the in-process executor of definitions.py the run's pod is sized instead.
+@asset(deps=[image_latents, text_embeddings, quantized_base_model], group_name="chroma", kinds={"safetensors", "pytorch"},
+       op_tags=gpu_op_tags())
 def lora_adapter(
     context: AssetExecutionContext, chroma: ChromaConfigResource, store: ArtifactStore, gpu: GPUResource,
     pipes: PipesSubprocessClient,
