@@ -78,7 +78,8 @@ def test_a_stop_signal_ends_training_after_a_checkpoint_and_leaves_no_worker_beh
     from chroma_pipeline.config import load_config
     from chroma_pipeline.launch import launch_command
 
-    launcher = subprocess.Popen(launch_command(str(small_project), load_config(small_project), "cpu"), cwd=REPO, stdout=subprocess.PIPE,
+    command = launch_command(str(small_project), load_config(small_project), "cpu")
+    launcher = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     deadline = time.monotonic() + 180
     for line in launcher.stdout:  # wait until training is under way
@@ -131,7 +132,7 @@ def test_one_process_two_processes_and_two_machines_train_the_same_adapter(small
     assert len({m["adapter"].value for m in (accumulated, two_processes, two_machines)}) == 3  # three trainings
     reference = adapters[0]
     assert any(tensor.abs().max() > 0 for name, tensor in reference.items() if "lora_B" in name)  # it trained
-    for layout, other in zip(("1 machine x 2 processes", "2 machines x 1 process"), adapters[1:]):
+    for layout, other in zip(("1 machine x 2 processes", "2 machines x 1 process"), adapters[1:], strict=True):
         assert other.keys() == reference.keys()
         worst = max(float((other[name] - reference[name]).abs().max()) for name in reference)
         print(f"{layout} vs 1 process accumulating 2 batches: max |difference| {worst:.3g}")
