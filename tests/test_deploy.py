@@ -8,12 +8,12 @@ container context as the chart hands it to the code server, run or step tags on 
 (`chart_run_launcher_config`, `chart_container_context`) follow the chart's templates for the keys
 deploy/values.yaml uses; the chart itself is not rendered here.
 
-The dagster-k8s half skips when dagster-k8s is not installed (see deploy/README.md, "Versions").
+Only Dagster's public API is used: no private modules, no underscore attributes. dagster-k8s is
+in the dev extra, pinned with dagster (deploy/README.md, "Versions"): without it its tests fail.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shlex
@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 import yaml
+from dagster import DagsterInstance, DagsterInvalidConfigError, Definitions, asset, define_asset_job
 
 from assets.k8s import CPU_OP_TAGS, DATA_MOUNT, GPU_RESOURCE, K8S_CONFIG_TAG, PVC_NAME, cpu_op_tags, gpu_op_tags
 
@@ -28,10 +29,6 @@ ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 NAMESPACE = "chroma"
 IMAGE = "registry.example.com/chroma-pipeline:0.1.0"
-
-needs_dagster_k8s = pytest.mark.skipif(
-    importlib.util.find_spec("dagster_k8s") is None, reason="dagster-k8s is not installed (deploy/README.md, 'Versions')"
-)
 
 # Keys the chart's schema (helm/dagster/schema) knows, as of the 1.13 charts. The chart ignores an
 # unknown key in a user deployment without a word, so a typo there would be lost silently.
@@ -126,14 +123,20 @@ def test_dockerfile_serves_the_code_location_on_4000_as_a_non_root_user():
 
 
 def test_dockerfile_installs_the_project_and_the_dagster_libraries_that_match_its_dagster():
-    import dagster
-    from dagster_shared.libraries import library_version_from_core_version
+    import dagster_k8s
+    from dagster import __version__ as dagster_version
 
     args = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in instruction("ARG") if "=" in a}
     assert set(args) >= {"TORCH_INDEX_URL", "TORCH_SPEC", "DAGSTER_LIBS_VERSION"}
     assert re.search(r"/whl/cu12\d$", args["TORCH_INDEX_URL"]), "the default torch build is a CUDA 12.x one"
-    # dagster-k8s / dagster-postgres 0.29.N go with dagster 1.13.N (the rule dagster itself checks).
-    assert args["DAGSTER_LIBS_VERSION"] == library_version_from_core_version(dagster.__version__)
+    # dagster-k8s / dagster-postgres 0.X.N go with dagster 1.Y.N where X = Y + 16 (0.16 was the
+    # libraries' version when dagster went 1.0): 0.29.27 with 1.13.27. The rule dagster itself checks
+    # at import, for a release version (no pre/post suffix: the project pins releases).
+    major, minor, micro = (int(part) for part in dagster_version.split("."))
+    assert major == 1
+    assert args["DAGSTER_LIBS_VERSION"] == f"0.{minor + 16}.{micro}"
+    # and it is the dagster-k8s these tests build pods with (the dev extra pins the same pair)
+    assert args["DAGSTER_LIBS_VERSION"] == dagster_k8s.__version__
     (install,) = [run for run in instruction("RUN") if "dagster-k8s" in run]
     assert "/src[cuda]" in install and "dagster-postgres==${DAGSTER_LIBS_VERSION}" in install, (
         "one pip resolve for the project and the integrations"
@@ -255,26 +258,47 @@ def kubeconfig(tmp_path) -> Path:
     return path
 
 
-def make_launcher(config: dict):
-    """The K8sRunLauncher, loaded the way the instance loads it from dagster.yaml."""
-    from dagster._serdes.config_class import ConfigurableClassData
-    from dagster_k8s import K8sRunLauncher
+@pytest.fixture
+def k8s_instance(tmp_path):
+    """Makes a DagsterInstance whose dagster.yaml sets the K8sRunLauncher with a given config.
 
-    return ConfigurableClassData("dagster_k8s", "K8sRunLauncher", yaml.safe_dump(config)).rehydrate(K8sRunLauncher)
+    The instance loads the launcher from that file itself (`instance.run_launcher`), as the daemon's
+    and the webserver's instances load it from the dagster.yaml the chart mounts; its storage is
+    SQLite under tmp_path.
+    """
+    instances = []
+
+    def make(launcher_config: dict) -> DagsterInstance:
+        home = tmp_path / f"dagster_home_{len(instances)}"
+        home.mkdir()
+        (home / "dagster.yaml").write_text(yaml.safe_dump(
+            {"run_launcher": {"module": "dagster_k8s", "class": "K8sRunLauncher", "config": launcher_config}}
+        ))
+        instance = DagsterInstance.local_temp(str(home))
+        instances.append(instance)
+        return instance
+
+    yield make
+    for instance in instances:
+        instance.dispose()
 
 
-def make_run(tags: dict[str, str] | None = None, deployment: dict | None = None):
-    """A run of the code location `deployment` (default: values.yaml's), as the launcher receives it."""
-    from dagster._core.code_pointer import ModuleCodePointer
-    from dagster._core.origin import JobPythonOrigin, RepositoryPythonOrigin
-    from dagster._core.storage.dagster_run import DagsterRun
+def one_asset_job(*, op_tags: dict | None = None, job_tags: dict | None = None):
+    """(the asset, the job of that one asset), the asset with `op_tags`, the job with `job_tags`."""
 
-    repository = RepositoryPythonOrigin(
-        executable_path="/usr/local/bin/python", code_pointer=ModuleCodePointer("assets.definitions", "defs", None),
-        container_image=IMAGE, container_context=chart_container_context(deployment or code_location(values())),
+    @asset(op_tags=op_tags)
+    def step():
+        return None
+
+    return step, Definitions(assets=[step], jobs=[define_asset_job("one_step", [step], tags=job_tags)]).resolve_job_def(
+        "one_step"
     )
-    return DagsterRun(job_name="full_chain", run_id="0" * 32, tags=tags or {},
-                      job_code_origin=JobPythonOrigin("full_chain", repository))
+
+
+def make_run(instance: DagsterInstance, tags: dict[str, str] | None = None):
+    """A run with `tags`, created and stored by the instance (what the launcher and the executor receive)."""
+    _, job = one_asset_job()
+    return instance.create_run_for_job(job, tags=tags)
 
 
 def without_run_gpu(vals: dict) -> dict:
@@ -285,53 +309,86 @@ def without_run_gpu(vals: dict) -> dict:
     return vals
 
 
-def step_tags(op_tags: dict) -> dict[str, str]:
-    """The tags Dagster puts on the step of an asset with these op tags (what the executor reads)."""
-    from dagster import Definitions, asset, define_asset_job
-    from dagster._core.execution.api import create_execution_plan
+def step_tags(instance: DagsterInstance, op_tags: dict) -> dict[str, str]:
+    """The tags Dagster puts on the step of an asset with these op tags (what the executor reads).
 
-    @asset(op_tags=op_tags)
-    def step():
-        return None
-
-    job = Definitions(assets=[step], jobs=[define_asset_job("one_step", [step])]).resolve_job_def("one_step")
-    (planned,) = create_execution_plan(job).steps
-    return planned.tags
+    Read from the execution plan Dagster builds and stores for a run of the asset's job; the
+    k8s_job_executor reads the same step tags from the same plan, built in the run pod.
+    """
+    step, job = one_asset_job(op_tags=op_tags)
+    run = instance.create_run_for_job(job)
+    (planned,) = instance.get_execution_plan_snapshot(run.execution_plan_snapshot_id).steps
+    # A step's tags are its op's tags (`AssetsDefinition.op.tags`), with those of the op's invocation
+    # on top; an asset's op is invoked without any.
+    assert planned.tags == step.op.tags
+    # Dagster stores the dict as the JSON string that dagster-k8s parses (`op_tags`: "Values that are
+    # not strings will be json encoded").
+    assert isinstance(planned.tags[K8S_CONFIG_TAG], str)
+    assert json.loads(planned.tags[K8S_CONFIG_TAG]) == op_tags[K8S_CONFIG_TAG]
+    return dict(planned.tags)
 
 
 def run_job_tags(job_tags: dict) -> dict[str, str]:
     """The tags a run of a job defined with these tags carries (what the run launcher reads)."""
-    from dagster import Definitions, asset, define_asset_job
-
-    @asset
-    def step():
-        return None
-
-    return dict(Definitions(assets=[step], jobs=[define_asset_job("one_job", [step], tags=job_tags)])
-                .resolve_job_def("one_job").run_tags)
+    _, job = one_asset_job(job_tags=job_tags)
+    return dict(job.run_tags)
 
 
-def run_pod(launcher, run):
+def container_context(instance: DagsterInstance, run, location_context: dict | None, *, include_run_tags: bool):
+    """`K8sContainerContext.create_for_run(run, launcher, include_run_tags)` for a run of a code location
+    with the container context `location_context` (default: the one the chart gives values.yaml's).
+
+    A run carries its code location's container context in its code origin, which only Dagster's
+    private origin classes build; the runs here come from `instance.create_run_for_job`, without one.
+    So the parts are composed here with dagster-k8s's public K8sContainerContext, in the order
+    `create_for_run` composes them (dagster-k8s 0.29.27): the launcher's settings (create_for_run
+    itself, for a run without a code origin), then over them the user-defined part, i.e. the code
+    location's context (`create_from_config`) with, for a run pod, the run's dagster-k8s/config tag
+    on top, checked against the launcher's allowlists. test_composed_container_context_is_the_launchers
+    checks the composition against `create_for_run` itself, for a run without a code location context.
+    """
+    from dagster_k8s.container_context import K8sContainerContext
+    from dagster_k8s.job import get_user_defined_k8s_config
+
+    if location_context is None:
+        location_context = chart_container_context(code_location(values()))
+    launcher = instance.run_launcher
+    assert run.job_code_origin is None, "create_for_run would add the code origin's context a second time"
+    launcher_part = K8sContainerContext.create_for_run(run, launcher, include_run_tags=False)
+    user_part = K8sContainerContext().merge(K8sContainerContext.create_from_config(location_context))
+    if include_run_tags:
+        user_part = user_part.merge(K8sContainerContext(run_k8s_config=get_user_defined_k8s_config(run.tags)))
+    user_part = user_part.validate_user_k8s_config_for_run(
+        launcher.only_allow_user_defined_k8s_config_fields, launcher.only_allow_user_defined_env_vars
+    )
+    return launcher_part.merge(user_part)
+
+
+def run_pod(instance: DagsterInstance, run, location_context: dict | None = None):
     """The Job the K8sRunLauncher creates for `run` (its launch path, short of calling the API)."""
+    return run_pod_from(instance, container_context(instance, run, location_context, include_run_tags=True))
+
+
+def run_pod_from(instance: DagsterInstance, context):
+    """The K8sRunLauncher's Job for a run with this container context."""
     from dagster_k8s import construct_dagster_k8s_job
 
-    context = launcher.get_container_context_for_run(run)
-    job_config = context.get_k8s_job_config(job_image=run.job_code_origin.repository_origin.container_image,
-                                            run_launcher=launcher)
+    # The launcher takes the image from the run's code origin, where the code server puts its own: IMAGE.
+    job_config = context.get_k8s_job_config(job_image=IMAGE, run_launcher=instance.run_launcher)
     return construct_dagster_k8s_job(job_config, ["dagster", "api", "execute_run", "{}"], "dagster-run-test",
                                      user_defined_k8s_config=context.run_k8s_config, component="run_worker")
 
 
-def step_pod(launcher, run, tags: dict[str, str]):
+def step_pod(instance: DagsterInstance, run, tags: dict[str, str], location_context: dict | None = None):
     """The Job the k8s_job_executor creates for a step with `tags` (its K8sStepHandler path)."""
     from dagster_k8s import construct_dagster_k8s_job
     from dagster_k8s.container_context import K8sContainerContext
     from dagster_k8s.job import get_user_defined_k8s_config
 
-    context = K8sContainerContext.create_for_run(run, launcher, include_run_tags=False).merge(
+    context = container_context(instance, run, location_context, include_run_tags=False).merge(
         K8sContainerContext(run_k8s_config=get_user_defined_k8s_config(tags))
     )
-    job_config = context.get_k8s_job_config(job_image=None, run_launcher=launcher).with_image(IMAGE)
+    job_config = context.get_k8s_job_config(job_image=None, run_launcher=instance.run_launcher).with_image(IMAGE)
     return construct_dagster_k8s_job(job_config, ["dagster", "api", "execute_step", "{}"], "dagster-step-test",
                                      user_defined_k8s_config=context.run_k8s_config, component="step_worker")
 
@@ -358,7 +415,6 @@ def assert_on_gpu_nodes(pod_spec, gpus: int, memory: str):
     assert [m.mount_path for m in container.volume_mounts if m.name == "dshm"] == ["/dev/shm"]
 
 
-@needs_dagster_k8s
 def test_our_tags_use_the_key_dagster_k8s_reads():
     from dagster_k8s.job import USER_DEFINED_K8S_CONFIG_KEY, get_user_defined_k8s_config
 
@@ -369,9 +425,7 @@ def test_our_tags_use_the_key_dagster_k8s_reads():
     assert get_user_defined_k8s_config(misspelt).container_config == {}
 
 
-@needs_dagster_k8s
 def test_dagster_k8s_rejects_a_misspelt_key_inside_the_tag():
-    from dagster._core.errors import DagsterInvalidConfigError
     from dagster_k8s.job import get_user_defined_k8s_config
 
     def tags_with(change) -> dict[str, str]:
@@ -388,11 +442,10 @@ def test_dagster_k8s_rejects_a_misspelt_key_inside_the_tag():
         get_user_defined_k8s_config(tags_with(lambda c: c["pod_spec_config"].update(node_selecter={})))
 
 
-@needs_dagster_k8s
 @pytest.mark.parametrize(("gpus", "memory"), [(1, "64Gi"), (4, "200Gi")])
-def test_gpu_op_tags_give_the_step_pod_gpus_gpu_nodes_and_the_shared_claim(kubeconfig, gpus, memory):
-    launcher = make_launcher(chart_run_launcher_config(without_run_gpu(values()), kubeconfig))
-    job = step_pod(launcher, make_run(), step_tags(gpu_op_tags(gpus, memory)))
+def test_gpu_op_tags_give_the_step_pod_gpus_gpu_nodes_and_the_shared_claim(k8s_instance, kubeconfig, gpus, memory):
+    instance = k8s_instance(chart_run_launcher_config(without_run_gpu(values()), kubeconfig))
+    job = step_pod(instance, make_run(instance), step_tags(instance, gpu_op_tags(gpus, memory)))
     pod_spec = job.spec.template.spec
     assert_on_gpu_nodes(pod_spec, gpus, memory)
     # Listed by the tags and by the code location's context: dagster-k8s keeps one of each.
@@ -400,20 +453,19 @@ def test_gpu_op_tags_give_the_step_pod_gpus_gpu_nodes_and_the_shared_claim(kubec
     assert pod_spec.termination_grace_period_seconds == 300
 
 
-@needs_dagster_k8s
-def test_gpu_and_cpu_op_tags_mount_the_claim_by_themselves(kubeconfig):
+def test_gpu_and_cpu_op_tags_mount_the_claim_by_themselves(k8s_instance, kubeconfig):
     """A code location that passes no volumes to its runs: the tags alone mount the claim."""
-    launcher = make_launcher(chart_run_launcher_config(without_run_gpu(values()), kubeconfig))
+    instance = k8s_instance(chart_run_launcher_config(without_run_gpu(values()), kubeconfig))
     deployment = code_location(values())
-    bare = {**deployment, "volumes": [], "volumeMounts": []}
+    bare = chart_container_context({**deployment, "volumes": [], "volumeMounts": []})
     for tags in (gpu_op_tags(), CPU_OP_TAGS):
-        assert_mounts_the_shared_claim(step_pod(launcher, make_run(deployment=bare), step_tags(tags)).spec.template.spec)
+        pod_spec = step_pod(instance, make_run(instance), step_tags(instance, tags), bare).spec.template.spec
+        assert_mounts_the_shared_claim(pod_spec)
 
 
-@needs_dagster_k8s
-def test_cpu_op_tags_keep_the_step_off_gpus_with_the_shared_claim(kubeconfig):
-    launcher = make_launcher(chart_run_launcher_config(without_run_gpu(values()), kubeconfig))
-    pod_spec = step_pod(launcher, make_run(), step_tags(cpu_op_tags("2", "8Gi"))).spec.template.spec
+def test_cpu_op_tags_keep_the_step_off_gpus_with_the_shared_claim(k8s_instance, kubeconfig):
+    instance = k8s_instance(chart_run_launcher_config(without_run_gpu(values()), kubeconfig))
+    pod_spec = step_pod(instance, make_run(instance), step_tags(instance, cpu_op_tags("2", "8Gi"))).spec.template.spec
     (container,) = pod_spec.containers
     assert container.resources.requests == {"cpu": "2", "memory": "8Gi"}
     assert not container.resources.limits
@@ -421,12 +473,11 @@ def test_cpu_op_tags_keep_the_step_off_gpus_with_the_shared_claim(kubeconfig):
     assert_mounts_the_shared_claim(pod_spec)
 
 
-@needs_dagster_k8s
-def test_values_give_the_run_pod_its_gpu_memory_and_the_shared_claim(kubeconfig):
+def test_values_give_the_run_pod_its_gpu_memory_and_the_shared_claim(k8s_instance, kubeconfig):
     """Today's executor runs every step in the run pod: values.yaml must size it."""
     vals = values()
-    launcher = make_launcher(chart_run_launcher_config(vals, kubeconfig))
-    job = run_pod(launcher, make_run())
+    instance = k8s_instance(chart_run_launcher_config(vals, kubeconfig))
+    job = run_pod(instance, make_run(instance))
     pod_spec = job.spec.template.spec
     assert_on_gpu_nodes(pod_spec, 1, "64Gi")
     assert_mounts_the_shared_claim(pod_spec)
@@ -435,28 +486,40 @@ def test_values_give_the_run_pod_its_gpu_memory_and_the_shared_claim(kubeconfig)
     assert pod_spec.containers[0].image == IMAGE
 
 
-@needs_dagster_k8s
-def test_job_tags_resize_the_run_pod(kubeconfig):
-    launcher = make_launcher(chart_run_launcher_config(values(), kubeconfig))
-    pod_spec = run_pod(launcher, make_run(run_job_tags(gpu_op_tags(4, "200Gi")))).spec.template.spec
+def test_job_tags_resize_the_run_pod(k8s_instance, kubeconfig):
+    instance = k8s_instance(chart_run_launcher_config(values(), kubeconfig))
+    pod_spec = run_pod(instance, make_run(instance, run_job_tags(gpu_op_tags(4, "200Gi")))).spec.template.spec
     assert_on_gpu_nodes(pod_spec, 4, "200Gi")
     assert_mounts_the_shared_claim(pod_spec)
 
 
-@needs_dagster_k8s
-def test_run_pod_gpu_in_values_reaches_every_step_pod(kubeconfig):
+def test_composed_container_context_is_the_launchers(k8s_instance, kubeconfig):
+    """`container_context` composes what `K8sRunLauncher.get_container_context_for_run` does.
+
+    Checked where both can run: a run with job tags and no code location context. Should dagster-k8s
+    change its order or add a part, this fails first.
+    """
+    instance = k8s_instance(chart_run_launcher_config(values(), kubeconfig))
+    run = make_run(instance, run_job_tags(gpu_op_tags(4, "200Gi")))
+    launchers = instance.run_launcher.get_container_context_for_run(run)
+    composed = container_context(instance, run, {}, include_run_tags=True)
+    assert composed == launchers
+    # and so the pods built from them
+    assert run_pod(instance, run, {}).to_dict() == run_pod_from(instance, launchers).to_dict()
+
+
+def test_run_pod_gpu_in_values_reaches_every_step_pod(k8s_instance, kubeconfig):
     """Why deploy/README.md says to remove it before switching to the k8s_job_executor."""
-    launcher = make_launcher(chart_run_launcher_config(values(), kubeconfig))
-    pod_spec = step_pod(launcher, make_run(), step_tags(CPU_OP_TAGS)).spec.template.spec
+    instance = k8s_instance(chart_run_launcher_config(values(), kubeconfig))
+    pod_spec = step_pod(instance, make_run(instance), step_tags(instance, CPU_OP_TAGS)).spec.template.spec
     assert pod_spec.containers[0].resources.limits[GPU_RESOURCE] == "1"
 
 
-@needs_dagster_k8s
-def test_run_launcher_rejects_a_misspelt_run_k8s_config(kubeconfig):
-    from dagster._core.errors import DagsterInvalidConfigError
+def test_run_launcher_rejects_a_misspelt_run_k8s_config(k8s_instance, kubeconfig):
+    from dagster_k8s import K8sRunLauncher
 
     config = chart_run_launcher_config(values(), kubeconfig)
-    make_launcher(config)  # as written: accepted
+    assert isinstance(k8s_instance(config).run_launcher, K8sRunLauncher)  # as written: accepted
     config["run_k8s_config"]["pod_spec_confg"] = config["run_k8s_config"].pop("pod_spec_config")
     with pytest.raises(DagsterInvalidConfigError):
-        make_launcher(config)
+        k8s_instance(config).run_launcher  # noqa: B018 (the launcher loads from dagster.yaml on first use)
