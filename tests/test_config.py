@@ -135,3 +135,23 @@ def test_an_output_folder_inside_the_dataset_is_refused(tmp_path):
     config.write_text(json.dumps({"instance_data_dir": "data", "output_dir": "data/output"}))
     with pytest.raises(ConfigError, match="`output_dir`.*is inside `instance_data_dir`"):
         load_config(config)
+
+
+def test_machines_are_numbered_from_zero_to_num_machines_minus_one():
+    assert config_from_dict({"num_machines": 2, "machine_rank": 1}).machine_rank == 1
+    with pytest.raises(ConfigError, match="`machine_rank` = 2 with `num_machines` = 2: machines are numbered 0 to 1"):
+        config_from_dict({"num_machines": 2, "machine_rank": 2})
+
+
+def test_a_multi_machine_launch_names_this_machine_and_where_the_others_meet(tmp_path):
+    from chroma_pipeline.launch import launch_command
+
+    config = config_from_dict({"num_processes": 4, "num_machines": 2, "main_process_ip": "10.0.0.5",
+                               "main_process_port": 29600})
+    command = launch_command("cfg.jsonc", config, "cuda", machine_rank=1)
+    options = command[command.index("--multi_gpu") + 1 : command.index("chroma_pipeline.train") - 1]
+    flags = dict(zip(options[::2], options[1::2], strict=True))
+    # accelerate counts the processes of all machines; ours counts one machine's.
+    assert flags["--num_processes"] == "8" and flags["--num_machines"] == "2" and flags["--machine_rank"] == "1"
+    assert flags["--main_process_ip"] == "10.0.0.5" and flags["--main_process_port"] == "29600"
+    assert command[-7:] == ["-m", "chroma_pipeline.train", "--config", "cfg.jsonc", "--only-train", "--device", "cuda"]
