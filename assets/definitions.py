@@ -18,6 +18,8 @@ from dagster import (
     AssetSelection,
     AssetSpec,
     AutomationConditionSensorDefinition,
+    BetaWarning,
+    DagsterInvalidDefinitionError,
     DefaultSensorStatus,
     Definitions,
     PipesSubprocessClient,
@@ -26,8 +28,6 @@ from dagster import (
     in_process_executor,
     map_asset_specs,
 )
-from dagster._utils.schedules import is_valid_cron_string
-from dagster._utils.warnings import BetaWarning
 
 from chroma_pipeline.config import ChromaConfig, ConfigError, load_config
 from resources import ArtifactStore, ChromaConfigResource, GPUResource
@@ -95,13 +95,17 @@ def build_definitions(config_path: str | None = None, device: str | None = None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # unknown keys are reported again in each run's log
         config = load_config(resources["chroma"].config_path)
-    if not is_valid_cron_string(config.retrain_cron):
-        raise ConfigError(f"`retrain_cron` = {config.retrain_cron!r} is not a cron string; e.g. '0 3 * * *' (03:00 daily)")
     try:
         ZoneInfo(config.retrain_timezone)
     except (ZoneInfoNotFoundError, ValueError):
         raise ConfigError(
             f"`retrain_timezone` = {config.retrain_timezone!r} is not a time zone; e.g. 'UTC' or 'Europe/Madrid'"
+        ) from None
+    try:  # Dagster checks the cron string when the schedule is defined; the time zone is known good by now
+        retrain = build_retrain_schedule(config)
+    except DagsterInvalidDefinitionError:
+        raise ConfigError(
+            f"`retrain_cron` = {config.retrain_cron!r} is not a cron string; e.g. '0 3 * * *' (03:00 daily)"
         ) from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", BetaWarning)  # use_user_code_server is beta; chosen knowingly
@@ -117,7 +121,7 @@ def build_definitions(config_path: str | None = None, device: str | None = None)
     # by side by parallel steps, and every step runs on the same accelerator anyway.
     return Definitions(
         assets=[dataset_folder, *chain_assets(config)], asset_checks=ALL_CHECKS, resources=resources,
-        jobs=chain_jobs(), sensors=[automation, dataset_watch], schedules=[build_retrain_schedule(config)],
+        jobs=chain_jobs(), sensors=[automation, dataset_watch], schedules=[retrain],
         executor=in_process_executor,
     )
 
