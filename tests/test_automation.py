@@ -5,13 +5,12 @@ daemon's part (storing a sensor's events, launching a schedule's run) done by th
 """
 
 import json
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 import torch
-from dagster import AssetKey, DagsterInstance, DefaultScheduleStatus, build_schedule_context, build_sensor_context
-from dagster._utils.schedules import cron_string_iterator
+from dagster import AssetKey, DefaultScheduleStatus, build_schedule_context, build_sensor_context
 from diffusers import AutoencoderKL
 
 from tests.conftest import write_config
@@ -48,10 +47,8 @@ class WatchedProject(Project):
 
 
 @pytest.fixture
-def project(small_project, monkeypatch, tmp_path):
-    project = WatchedProject(small_project, monkeypatch)
-    (tmp_path / "dagster_home").mkdir()
-    project.instance = DagsterInstance.local_temp(str(tmp_path / "dagster_home"))  # schedules need a stored instance
+def project(small_project, monkeypatch):
+    project = WatchedProject(small_project, monkeypatch)  # on a stored instance, as schedules need
     project.materialize()
     project.run_automation()
     project.work.update(images=0, texts=0, quantize=0, train=0)
@@ -88,9 +85,10 @@ def test_the_schedule_is_off_until_turned_on(project):
 
 
 def test_two_nights_a_quiet_one_costs_nothing_and_a_caption_edit_costs_one_caption(project):
-    ticks = cron_string_iterator(datetime(2026, 12, 1, tzinfo=timezone.utc).timestamp(), "0 3 * * *", "UTC")
-    first_night, second_night = next(ticks), next(ticks)
-    assert (first_night.hour, (second_night - first_night).days) == (3, 1)
+    schedule = project.definitions().get_schedule_def("nightly_retrain")
+    assert (schedule.cron_schedule, schedule.execution_timezone) == ("0 3 * * *", "UTC")  # 03:00 every night
+    first_night = datetime(2026, 12, 1, 3, tzinfo=timezone.utc)  # two of its ticks
+    second_night = first_night + timedelta(days=1)
 
     skip, ran = project.night(first_night)
     assert "has not changed since the last scan" in skip
@@ -133,10 +131,8 @@ def test_a_failing_blocking_check_stops_training_and_says_which_and_why(project,
     assert project.work["train"] == 1
 
 
-def test_the_first_night_without_any_scan_scans(small_project, monkeypatch, tmp_path):
+def test_the_first_night_without_any_scan_scans(small_project, monkeypatch):
     project = WatchedProject(small_project, monkeypatch)
-    (tmp_path / "dagster_home").mkdir()
-    project.instance = DagsterInstance.local_temp(str(tmp_path / "dagster_home"))
     skip, ran = project.night(datetime(2026, 12, 1, 3, tzinfo=timezone.utc))
     assert skip is None and {"text_embeddings", "image_latents"} <= ran
 

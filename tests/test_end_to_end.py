@@ -16,6 +16,7 @@ import chroma_pipeline.grid as grid_module
 import chroma_pipeline.quantize as quantize_module
 import chroma_pipeline.text as text_module
 import chroma_pipeline.train as train_module
+from assets._dagster_tags import DATA_VERSION_TAG
 from assets.definitions import build_definitions, materialize_chain
 from chroma_pipeline.config import ConfigError
 from tests.conftest import write_config
@@ -94,7 +95,7 @@ def test_chain_materializes_then_second_run_recomputes_nothing(small_project, wo
     second = _materialize(small_project, instance)
     assert work_counter == before, "an unchanged dataset must not encode, embed, quantize, train or render again"
     for name in MATERIALIZED:
-        assert second[name].tags["dagster/data_version"] == first[name].tags["dagster/data_version"], name
+        assert second[name].tags[DATA_VERSION_TAG] == first[name].tags[DATA_VERSION_TAG], name
     assert second["lora_adapter"].metadata["retrained"].value is False
 
 
