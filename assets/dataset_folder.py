@@ -2,9 +2,9 @@
 
 It is an observable source asset whose data version is the folder's content fingerprint.
 When the folder watcher (or the "Observe" button) records a new fingerprint, Dagster
-shows both `raw_dataset` assets as unsynced, without anyone running anything. The scan
-itself records the fingerprint it read before it starts, so its lineage names exactly
-the folder content it scanned.
+shows both `raw_dataset` assets as unsynced, without anyone running anything. The jobs
+that scan (`dataset_scan`, `full_chain`) observe the folder first, in the same run, so the
+scan's lineage names the folder content it read.
 """
 
 from __future__ import annotations

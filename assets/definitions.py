@@ -36,10 +36,12 @@ from . import ALL_ASSETS
 from ._versions import step_code_version
 from .automation import on_unsynced
 from .checks import ALL_CHECKS
-from .dataset_folder import dataset_folder
+from .dataset_folder import DATASET_FOLDER, dataset_folder
 from .watch import build_retrain_schedule, dataset_scan, dataset_watch
 
 DEFAULT_CONFIG = "chroma-demo/config.jsonc"
+# Everything, the observed folder included: a full run observes the folder before it scans it.
+EVERYTHING = AssetSelection.assets(DATASET_FOLDER) | AssetSelection.all()
 
 
 def make_resources(config_path: str | None = None, device: str | None = None) -> dict:
@@ -65,7 +67,7 @@ def chain_assets(config: ChromaConfig) -> list:
 def chain_jobs() -> list:
     lora, grid = AssetKey("lora_adapter"), AssetKey("validation_grid")
     return [
-        define_asset_job("full_chain", AssetSelection.all(), description="dataset scan to validation grid"),
+        define_asset_job("full_chain", EVERYTHING, description="folder observation and dataset scan to validation grid"),
         define_asset_job(
             "caption_branch",
             AssetSelection.assets(AssetKey("text_embeddings")).downstream(),
@@ -127,13 +129,16 @@ def build_definitions(config_path: str | None = None, device: str | None = None)
 
 
 def materialize_chain(config_path: str, instance, selection=None, device: str | None = None, **kwargs):
-    """Materialize (part of) the chain in-process, with the code versions the code location would give."""
+    """Materialize (part of) the chain in-process, with the code versions the code location would give.
+
+    Without a selection, the whole chain as `full_chain` runs it: the folder is observed first.
+    """
     from dagster import materialize
 
     definitions = build_definitions(config_path, device)
     return materialize(
         [*definitions.assets, *definitions.asset_checks], resources=definitions.resources, instance=instance,
-        selection=selection, **kwargs,
+        selection=EVERYTHING if selection is None else selection, **kwargs,
     )
 
 

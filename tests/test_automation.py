@@ -42,7 +42,7 @@ class WatchedProject(Project):
         if not data.run_requests:
             return data.skip_message, set()
         assert len(data.run_requests) == 1 and schedule.job_name == "dataset_scan"
-        self.materialize(SCAN)  # what the schedule's `dataset_scan` job selects
+        self.scan()  # the schedule's run: observe the folder, scan it
         return None, self.run_automation()
 
 
@@ -60,7 +60,7 @@ def first_caption(config_path: Path) -> Path:
 
 
 def test_the_watcher_records_a_content_change_and_starts_nothing(project):
-    assert project.watch() == []  # the scan already recorded what it read
+    assert project.watch() == []  # the run observed the folder before it scanned it
     caption = first_caption(project.config_path)
     caption.touch()  # a new mtime, the same bytes: not a change
     assert project.watch() == []
@@ -74,6 +74,23 @@ def test_the_watcher_records_a_content_change_and_starts_nothing(project):
     assert project.tick() == set()
     assert project.watch() == [], "a change is recorded once"
     assert project.work == {"images": 0, "texts": 0, "quantize": 0, "train": 0}
+
+
+def test_a_scan_on_its_own_says_the_folder_changed_and_the_watcher_records_it(project):
+    first_caption(project.config_path).write_text("a caption edited, then only the scan materialized")
+    result = project.materialize(SCAN)  # "Materialize" on raw_dataset: no observation in that run
+    logged = [entry.user_message for entry in project.instance.all_logs(result.run_id)]
+    assert any("changed since its latest observation" in message and "dataset_scan" in message for message in logged)
+    assert project.unsynced() == {"text_embeddings": {"DATA"}}  # the scan read the edit
+
+    (event,) = project.watch()  # the watcher's next tick records the folder as it is
+    assert event.metadata["changes since last observation"].value.startswith("1 modified")
+    # The scan's lineage names the older observation, so the UI shows it unsynced until the
+    # scan runs with the observation (the dataset_scan job), which changes nothing downstream.
+    assert project.unsynced() == {"text_embeddings": {"DATA"}, **{name: {"DATA"} for name in SCAN}}
+    project.scan()
+    assert project.unsynced() == {"text_embeddings": {"DATA"}}
+    assert project.watch() == []
 
 
 def test_the_schedule_is_off_until_turned_on(project):

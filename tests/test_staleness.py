@@ -97,6 +97,10 @@ class Project:
         assert result.success or not must_succeed
         return result
 
+    def scan(self):
+        """The `dataset_scan` job (what the schedule launches): observe the folder, then scan it."""
+        assert self.definitions().resolve_job_def("dataset_scan").execute_in_process(instance=self.instance).success
+
     def unsynced(self) -> dict[str, set[str]]:
         """Asset -> categories of why Dagster calls it stale (what the UI shows as "Unsynced")."""
         shown = staleness_in_the_ui(self.instance, self.config_path)
@@ -131,7 +135,7 @@ def test_a_fresh_instance_builds_everything_once_the_dataset_is_scanned(small_pr
     project = Project(small_project, monkeypatch)
     assert project.tick() == {"quantized_base_model"}  # nothing waits on a dataset; the rest does
     project.materialize({"quantized_base_model"})
-    project.materialize(SCAN)
+    project.scan()
     assert project.run_automation() == {"image_latents", "text_embeddings", "lora_adapter", "validation_grid"}
     assert project.unsynced() == {}
 
@@ -141,7 +145,7 @@ def test_changes_made_before_the_sensor_first_runs_are_not_forgotten(small_proje
     project.materialize()
     project.set(learning_rate=3e-4)
     sorted((small_project.parent / "dataset").glob("*.txt"))[0].write_text("edited while dagster dev was down")
-    project.materialize(SCAN)
+    project.scan()
     project.work.update(images=0, texts=0, quantize=0, train=0)
     # The sensor's very first tick (no cursor yet) sees what the UI sees.
     assert project.run_automation() == {"text_embeddings", "lora_adapter", "validation_grid"}
@@ -178,7 +182,7 @@ def project(small_project, monkeypatch):
 def test_editing_one_caption_reruns_the_caption_branch_and_encodes_one_caption(project):
     caption = sorted((project.config_path.parent / "dataset").glob("*.txt"))[2]
     caption.write_text("a green square on a purple background, edited caption")
-    project.materialize(SCAN)  # the dataset scan (a sensor or a person starts it)
+    project.scan()  # the dataset scan (the schedule or a person starts it)
 
     assert project.unsynced() == {"text_embeddings": {"DATA"}}
     assert project.run_automation() == {"text_embeddings", "lora_adapter", "validation_grid"}
@@ -189,7 +193,7 @@ def test_editing_one_caption_reruns_the_caption_branch_and_encodes_one_caption(p
 def test_editing_one_image_reruns_the_image_branch_and_encodes_one_image(project):
     image = sorted((project.config_path.parent / "dataset").glob("*.png"))[4]
     Image.new("RGB", Image.open(image).size, "orange").save(image)
-    project.materialize(SCAN)
+    project.scan()
 
     assert project.unsynced() == {"image_latents": {"DATA"}}
     assert project.run_automation() == {"image_latents", "lora_adapter", "validation_grid"}
@@ -232,7 +236,7 @@ def test_a_new_validation_prompt_rerenders_the_grid_without_retraining(project):
 def test_renaming_files_costs_no_encoding_and_no_training(project):
     for path in sorted((project.config_path.parent / "dataset").iterdir()):
         path.rename(path.with_name("renamed-" + path.name))
-    project.materialize(SCAN)
+    project.scan()
     # Which file holds which pixels and caption moved: both indexes are rewritten, nothing is encoded.
     assert project.unsynced() == {"image_latents": {"DATA"}, "text_embeddings": {"DATA"}}
     project.run_automation()
@@ -245,14 +249,14 @@ def test_swapping_two_images_between_captions_retrains(project):
     first.rename(dataset / "swap.tmp")
     second.rename(first)
     (dataset / "swap.tmp").rename(second)
-    project.materialize(SCAN)
+    project.scan()
     assert project.unsynced() == {"image_latents": {"DATA"}}
     assert project.run_automation() == {"image_latents", "lora_adapter", "validation_grid"}
     assert project.work == {"images": 0, "texts": 0, "quantize": 0, "train": 1}  # new pairs, same pixels
 
 
 def test_nothing_changed_means_nothing_unsynced_requested_or_recomputed(project):
-    project.materialize(SCAN)  # a forced rescan: same content, same data versions
+    project.scan()  # a forced rescan: same content, same data versions
     assert project.unsynced() == {}
     assert project.tick() == set()
     project.materialize()  # even forcing the whole chain recomputes nothing
