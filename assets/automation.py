@@ -5,25 +5,60 @@ things our users hit: a forced re-run with an unchanged data version is not a ch
 change noticed while a run was failing or in flight must not be forgotten, and edits made
 before the sensor first ran must still be acted on. So the condition asks the question the
 UI answers ("is this asset unsynced or missing?") on every tick.
+
+Dagster has no public API for that answer (dagster-io/dagster#19368), so `Unsynced` reads
+the same facts from the instance's public records: what the latest materialization
+recorded (its code version, each parent's data version) against what holds now.
+`tests/test_staleness.py` pins it to the status Dagster's GraphQL API (the UI) reports.
 """
 
 from __future__ import annotations
 
-from dagster import AutomationCondition, AutomationContext, AutomationResult
-from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
+from dagster import AssetKey, AutomationCondition, AutomationContext, AutomationResult, DagsterInstance
+
+from ._dagster_tags import CODE_VERSION_TAG, DATA_VERSION_TAG, input_data_version_tag
+
+
+def current_data_version(instance: DagsterInstance, asset_graph, key: AssetKey) -> str | None:
+    """The data version `key` has now: its latest observation's if Dagster observes it, else its latest materialization's."""
+    if asset_graph.get(key).is_observable:
+        records = instance.fetch_observations(key, limit=1).records
+        return records[0].asset_observation.data_version if records else None
+    records = instance.fetch_materializations(key, limit=1).records
+    return records[0].asset_materialization.tags.get(DATA_VERSION_TAG) if records else None
+
+
+def unsynced_or_missing(instance: DagsterInstance, asset_graph, key: AssetKey) -> bool:
+    """Missing; or its code version, or a parent's data version, differs from what its latest materialization recorded.
+
+    A parent with no data version yet (a folder never observed) counts as unchanged, as in
+    Dagster; a materializable parent that is missing is left to `any_deps_missing`.
+    Dagster's staleness is one level deep: a stale parent does not make its children stale.
+    """
+    records = instance.fetch_materializations(key, limit=1).records
+    if not records:
+        return True
+    recorded = records[0].asset_materialization.tags
+    node = asset_graph.get(key)
+    if node.code_version and node.code_version != recorded.get(CODE_VERSION_TAG):
+        return True
+    for parent in node.parent_keys:
+        now = current_data_version(instance, asset_graph, parent)
+        if now is not None and now != recorded.get(input_data_version_tag(parent)):
+            return True
+    return False
 
 
 class Unsynced(AutomationCondition):
-    """True when Dagster reports the asset stale (new parent data version, new code version) or missing."""
+    """True when the asset is unsynced (a parent's new data version, a new code version) or missing."""
 
     @property
     def name(self) -> str:
         return "unsynced_or_missing"
 
     def evaluate(self, context: AutomationContext) -> AutomationResult:
-        view = context.asset_graph_view  # it doubles as the loading context the resolver needs
-        resolver = CachingStaleStatusResolver(view.instance, context.asset_graph, view)
-        unsynced = resolver.get_status(context.key) in (StaleStatus.STALE, StaleStatus.MISSING)
+        # The graph has no partitions: the asset as a whole is either unsynced or not.
+        unsynced = unsynced_or_missing(context.asset_graph_view.instance, context.asset_graph, context.key)
         return AutomationResult(context, context.candidate_subset if unsynced else context.get_empty_subset())
 
 

@@ -2,9 +2,9 @@
 
 It is an observable source asset whose data version is the folder's content fingerprint.
 When the folder watcher (or the "Observe" button) records a new fingerprint, Dagster
-shows both `raw_dataset` assets as unsynced, without anyone running anything. The scan
-itself records the fingerprint it read before it starts, so its lineage names exactly
-the folder content it scanned.
+shows both `raw_dataset` assets as unsynced, without anyone running anything. The jobs
+that scan (`dataset_scan`, `full_chain`) observe the folder first, in the same run, so the
+scan's lineage names the folder content it read.
 """
 
 from __future__ import annotations
@@ -13,13 +13,14 @@ import json
 import warnings
 
 from dagster import AssetKey, AssetObservation, DagsterInstance, DataVersion, ObserveResult, observable_source_asset
-from dagster._core.definitions.data_version import DATA_VERSION_TAG
 
 from chroma_pipeline.config import ChromaConfig
 from chroma_pipeline.fingerprint import Fingerprint, fingerprint_dataset, summarize
 from chroma_pipeline.layout import Layout
 from chroma_pipeline.storage import write_json_atomic
 from resources import ArtifactStore, ChromaConfigResource
+
+from ._dagster_tags import DATA_VERSION_TAG
 
 DATASET_FOLDER = AssetKey("dataset_folder")
 warnings.filterwarnings("ignore", message="Function `observable_source_asset` is currently in beta")
@@ -47,7 +48,7 @@ def latest_observed_version(instance: DagsterInstance) -> str | None:
     records = instance.fetch_observations(DATASET_FOLDER, limit=1).records
     if not records:
         return None
-    return records[0].asset_observation.tags.get(DATA_VERSION_TAG)
+    return records[0].asset_observation.data_version
 
 
 def observe_if_changed(
@@ -59,7 +60,7 @@ def observe_if_changed(
         return fingerprint, None
     observation = AssetObservation(
         asset_key=DATASET_FOLDER,
-        tags={DATA_VERSION_TAG: fingerprint.version},
+        tags={DATA_VERSION_TAG: fingerprint.version},  # a sensor's observation carries its version only as this tag
         metadata=_observation_metadata(fingerprint, layout),
     )
     _remember(fingerprint, layout)

@@ -18,6 +18,8 @@ from dagster import (
     AssetSelection,
     AssetSpec,
     AutomationConditionSensorDefinition,
+    BetaWarning,
+    DagsterInvalidDefinitionError,
     DefaultSensorStatus,
     Definitions,
     PipesSubprocessClient,
@@ -26,8 +28,6 @@ from dagster import (
     in_process_executor,
     map_asset_specs,
 )
-from dagster._utils.schedules import is_valid_cron_string
-from dagster._utils.warnings import BetaWarning
 
 from chroma_pipeline.config import ChromaConfig, ConfigError, load_config
 from resources import ArtifactStore, ChromaConfigResource, GPUResource
@@ -36,10 +36,12 @@ from . import ALL_ASSETS
 from ._versions import step_code_version
 from .automation import on_unsynced
 from .checks import ALL_CHECKS
-from .dataset_folder import dataset_folder
+from .dataset_folder import DATASET_FOLDER, dataset_folder
 from .watch import build_retrain_schedule, dataset_scan, dataset_watch
 
 DEFAULT_CONFIG = "chroma-demo/config.jsonc"
+# Everything, the observed folder included: a full run observes the folder before it scans it.
+EVERYTHING = AssetSelection.assets(DATASET_FOLDER) | AssetSelection.all()
 
 
 def make_resources(config_path: str | None = None, device: str | None = None) -> dict:
@@ -65,7 +67,7 @@ def chain_assets(config: ChromaConfig) -> list:
 def chain_jobs() -> list:
     lora, grid = AssetKey("lora_adapter"), AssetKey("validation_grid")
     return [
-        define_asset_job("full_chain", AssetSelection.all(), description="dataset scan to validation grid"),
+        define_asset_job("full_chain", EVERYTHING, description="folder observation and dataset scan to validation grid"),
         define_asset_job(
             "caption_branch",
             AssetSelection.assets(AssetKey("text_embeddings")).downstream(),
@@ -95,13 +97,17 @@ def build_definitions(config_path: str | None = None, device: str | None = None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # unknown keys are reported again in each run's log
         config = load_config(resources["chroma"].config_path)
-    if not is_valid_cron_string(config.retrain_cron):
-        raise ConfigError(f"`retrain_cron` = {config.retrain_cron!r} is not a cron string; e.g. '0 3 * * *' (03:00 daily)")
     try:
         ZoneInfo(config.retrain_timezone)
     except (ZoneInfoNotFoundError, ValueError):
         raise ConfigError(
             f"`retrain_timezone` = {config.retrain_timezone!r} is not a time zone; e.g. 'UTC' or 'Europe/Madrid'"
+        ) from None
+    try:  # Dagster checks the cron string when the schedule is defined; the time zone is known good by now
+        retrain = build_retrain_schedule(config)
+    except DagsterInvalidDefinitionError:
+        raise ConfigError(
+            f"`retrain_cron` = {config.retrain_cron!r} is not a cron string; e.g. '0 3 * * *' (03:00 daily)"
         ) from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", BetaWarning)  # use_user_code_server is beta; chosen knowingly
@@ -117,19 +123,22 @@ def build_definitions(config_path: str | None = None, device: str | None = None)
     # by side by parallel steps, and every step runs on the same accelerator anyway.
     return Definitions(
         assets=[dataset_folder, *chain_assets(config)], asset_checks=ALL_CHECKS, resources=resources,
-        jobs=chain_jobs(), sensors=[automation, dataset_watch], schedules=[build_retrain_schedule(config)],
+        jobs=chain_jobs(), sensors=[automation, dataset_watch], schedules=[retrain],
         executor=in_process_executor,
     )
 
 
 def materialize_chain(config_path: str, instance, selection=None, device: str | None = None, **kwargs):
-    """Materialize (part of) the chain in-process, with the code versions the code location would give."""
+    """Materialize (part of) the chain in-process, with the code versions the code location would give.
+
+    Without a selection, the whole chain as `full_chain` runs it: the folder is observed first.
+    """
     from dagster import materialize
 
     definitions = build_definitions(config_path, device)
     return materialize(
         [*definitions.assets, *definitions.asset_checks], resources=definitions.resources, instance=instance,
-        selection=selection, **kwargs,
+        selection=EVERYTHING if selection is None else selection, **kwargs,
     )
 
 

@@ -3,12 +3,13 @@ from collections import Counter
 
 from dagster import AssetExecutionContext, AssetKey, AssetSpec, DataVersion, MaterializeResult, MetadataValue, multi_asset
 
+from chroma_pipeline.fingerprint import fingerprint_dataset
 from chroma_pipeline.raw_dataset import build_manifest
 from resources import ArtifactStore, ChromaConfigResource
 
 from ._metadata import markdown_table
 from ._versions import load_config_for
-from .dataset_folder import DATASET_FOLDER, observe_if_changed
+from .dataset_folder import DATASET_FOLDER, latest_observed_version
 
 # One scan, two assets: images and captions get separate data versions, so editing a
 # caption leaves image_latents in sync and editing pixels leaves text_embeddings in sync.
@@ -29,13 +30,22 @@ def raw_dataset(context: AssetExecutionContext, chroma: ChromaConfigResource, st
     """Scan the dataset folder into a manifest: every file, its content hashes, or why it was skipped."""
     config = load_config_for(context, chroma, "raw_dataset")
     layout = store.layout(config)
-    # Record the folder content this scan reads before recording the scan, so its lineage
-    # names that content; otherwise the next watcher tick would call the fresh scan unsynced.
-    fingerprint, observation = observe_if_changed(context.instance, config, layout)
-    if observation is not None:
-        context.instance.report_runless_asset_event(observation)
-        # Dagster read the inputs' versions when the step started; make it read them again.
-        context.op_execution_context._step_execution_context.wipe_input_asset_version_info(DATASET_FOLDER)
+    # The jobs that scan observe `dataset_folder` first, so Dagster records that observation
+    # as what this scan read. A scan on its own ("Materialize" on raw_dataset) reads the
+    # folder as it is; if that differs from the last observation, its lineage names the old
+    # one. Say so: `dataset_watch` records the change at its next tick, and the UI then
+    # shows this scan as unsynced until it runs again with the observation.
+    fingerprint = fingerprint_dataset(config.instance_data_dir, layout.dataset_memo)
+    observed = latest_observed_version(context.instance)
+    if fingerprint.version != observed:
+        context.log.warning(
+            f"The dataset folder {config.instance_data_dir} "
+            + ("has no observation yet" if observed is None else "changed since its latest observation")
+            + ": this scan reads it as it is now, but its lineage can only name what dataset_folder's latest "
+            "observation says. dataset_watch records the folder at its next tick, and the UI then shows this "
+            "scan as unsynced. Run the dataset_scan job (or select dataset_folder with the scan) to observe "
+            "and scan in one run."
+        )
     with warnings.catch_warnings(record=True) as caught:  # e.g. a caption that is not UTF-8
         warnings.simplefilter("always")
         result, rows = build_manifest(config, layout)

@@ -32,11 +32,14 @@ from chroma_pipeline.config import ChromaConfig
 from chroma_pipeline.fingerprint import fingerprint_dataset
 from resources import ArtifactStore, ChromaConfigResource
 
-from .dataset_folder import observe_if_changed
+from .dataset_folder import DATASET_FOLDER, observe_if_changed
 from .raw_dataset import CAPTIONS, IMAGES
 
+# The folder is observed in the same run, just before the scan: the scan's lineage then
+# names the folder content it read, and the watcher's next tick has nothing new to record.
 dataset_scan = define_asset_job(
-    "dataset_scan", AssetSelection.assets(IMAGES, CAPTIONS), description="scan the dataset folder (what the schedule runs)"
+    "dataset_scan", AssetSelection.assets(DATASET_FOLDER, IMAGES, CAPTIONS),
+    description="observe the dataset folder, then scan it (what the schedule runs)",
 )
 
 

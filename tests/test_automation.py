@@ -5,13 +5,12 @@ daemon's part (storing a sensor's events, launching a schedule's run) done by th
 """
 
 import json
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 import torch
-from dagster import AssetKey, DagsterInstance, DefaultScheduleStatus, build_schedule_context, build_sensor_context
-from dagster._utils.schedules import cron_string_iterator
+from dagster import AssetKey, DefaultScheduleStatus, build_schedule_context, build_sensor_context
 from diffusers import AutoencoderKL
 
 from tests.conftest import write_config
@@ -43,15 +42,13 @@ class WatchedProject(Project):
         if not data.run_requests:
             return data.skip_message, set()
         assert len(data.run_requests) == 1 and schedule.job_name == "dataset_scan"
-        self.materialize(SCAN)  # what the schedule's `dataset_scan` job selects
+        self.scan()  # the schedule's run: observe the folder, scan it
         return None, self.run_automation()
 
 
 @pytest.fixture
-def project(small_project, monkeypatch, tmp_path):
-    project = WatchedProject(small_project, monkeypatch)
-    (tmp_path / "dagster_home").mkdir()
-    project.instance = DagsterInstance.local_temp(str(tmp_path / "dagster_home"))  # schedules need a stored instance
+def project(small_project, monkeypatch):
+    project = WatchedProject(small_project, monkeypatch)  # on a stored instance, as schedules need
     project.materialize()
     project.run_automation()
     project.work.update(images=0, texts=0, quantize=0, train=0)
@@ -63,7 +60,7 @@ def first_caption(config_path: Path) -> Path:
 
 
 def test_the_watcher_records_a_content_change_and_starts_nothing(project):
-    assert project.watch() == []  # the scan already recorded what it read
+    assert project.watch() == []  # the run observed the folder before it scanned it
     caption = first_caption(project.config_path)
     caption.touch()  # a new mtime, the same bytes: not a change
     assert project.watch() == []
@@ -79,6 +76,23 @@ def test_the_watcher_records_a_content_change_and_starts_nothing(project):
     assert project.work == {"images": 0, "texts": 0, "quantize": 0, "train": 0}
 
 
+def test_a_scan_on_its_own_says_the_folder_changed_and_the_watcher_records_it(project):
+    first_caption(project.config_path).write_text("a caption edited, then only the scan materialized")
+    result = project.materialize(SCAN)  # "Materialize" on raw_dataset: no observation in that run
+    logged = [entry.user_message for entry in project.instance.all_logs(result.run_id)]
+    assert any("changed since its latest observation" in message and "dataset_scan" in message for message in logged)
+    assert project.unsynced() == {"text_embeddings": {"DATA"}}  # the scan read the edit
+
+    (event,) = project.watch()  # the watcher's next tick records the folder as it is
+    assert event.metadata["changes since last observation"].value.startswith("1 modified")
+    # The scan's lineage names the older observation, so the UI shows it unsynced until the
+    # scan runs with the observation (the dataset_scan job), which changes nothing downstream.
+    assert project.unsynced() == {"text_embeddings": {"DATA"}, **{name: {"DATA"} for name in SCAN}}
+    project.scan()
+    assert project.unsynced() == {"text_embeddings": {"DATA"}}
+    assert project.watch() == []
+
+
 def test_the_schedule_is_off_until_turned_on(project):
     assert project.definitions().get_schedule_def("nightly_retrain").default_status == DefaultScheduleStatus.STOPPED
     project.set(retrain_schedule_enabled=True, retrain_cron="30 2 * * 1-5", retrain_timezone="Europe/Madrid")
@@ -88,9 +102,10 @@ def test_the_schedule_is_off_until_turned_on(project):
 
 
 def test_two_nights_a_quiet_one_costs_nothing_and_a_caption_edit_costs_one_caption(project):
-    ticks = cron_string_iterator(datetime(2026, 12, 1, tzinfo=timezone.utc).timestamp(), "0 3 * * *", "UTC")
-    first_night, second_night = next(ticks), next(ticks)
-    assert (first_night.hour, (second_night - first_night).days) == (3, 1)
+    schedule = project.definitions().get_schedule_def("nightly_retrain")
+    assert (schedule.cron_schedule, schedule.execution_timezone) == ("0 3 * * *", "UTC")  # 03:00 every night
+    first_night = datetime(2026, 12, 1, 3, tzinfo=timezone.utc)  # two of its ticks
+    second_night = first_night + timedelta(days=1)
 
     skip, ran = project.night(first_night)
     assert "has not changed since the last scan" in skip
@@ -133,10 +148,8 @@ def test_a_failing_blocking_check_stops_training_and_says_which_and_why(project,
     assert project.work["train"] == 1
 
 
-def test_the_first_night_without_any_scan_scans(small_project, monkeypatch, tmp_path):
+def test_the_first_night_without_any_scan_scans(small_project, monkeypatch):
     project = WatchedProject(small_project, monkeypatch)
-    (tmp_path / "dagster_home").mkdir()
-    project.instance = DagsterInstance.local_temp(str(tmp_path / "dagster_home"))
     skip, ran = project.night(datetime(2026, 12, 1, 3, tzinfo=timezone.utc))
     assert skip is None and {"text_embeddings", "image_latents"} <= ran
 
