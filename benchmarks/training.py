@@ -1,4 +1,4 @@
-"""Training overhead: our loop (`chroma_pipeline.train.train_lora`) vs a bare PyTorch loop, side by side.
+"""Training overhead: our loop (`chroma_pipeline.training.train_lora`) vs a bare PyTorch loop, side by side.
 
 Both train the same rank-16 LoRA ("all" targets) with AdamW at batch 2 on a random Chroma of
 Chroma1's block structure but small width (hidden 512, 2 double + 4 single blocks), on the
@@ -146,7 +146,7 @@ def main() -> None:
     print(f"rank-16 LoRA, batch 2, AdamW, {args.steps} steps (median after {WARMUP} warm-up), CPU, fresh process each")
     print(f"{'loop':<40}{'s/step (runs)':>24}{'peak RSS GiB':>14}")
     summary = {}
-    for mode, label in (("bare", "bare PyTorch, data in memory"), ("ours", "chroma_pipeline.train.train_lora")):
+    for mode, label in (("bare", "bare PyTorch, data in memory"), ("ours", "chroma_pipeline.training.train_lora")):
         per_step = [r["per_step"] for r in results[mode]]
         summary[mode] = min(per_step)
         runs = ", ".join(f"{x:.3f}" for x in per_step)

@@ -1,6 +1,6 @@
 """Step `text_embeddings`: masked T5 embeddings of every caption, the empty caption and the validation prompts.
 
-Later steps read the prompts' embeddings from this cache (`cached_prompt`), so T5 is
+Later steps read the prompts' embeddings from this cache (`cached_prompts`), so T5 is
 loaded only when a text is new.
 """
 
