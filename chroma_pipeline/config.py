@@ -34,6 +34,10 @@ NO_EFFECT_KEYS = {
 }
 
 
+# Settings that joined a cache key after artifacts keyed without them existed (see settings_hash).
+ADDED_LATER = ("num_machines",)
+
+
 class ConfigError(ValueError):
     """A config file that cannot be used; the message says which key and what to do."""
 
@@ -224,8 +228,13 @@ class ChromaConfig(BaseModel):
         return FLAVOUR_REPOS.get(self.model_flavour, "tiny")
 
     def settings_hash(self, *keys: str) -> str:
-        """A short stable hash of the named settings: the part of a cache key a setting owns."""
-        values = {key: getattr(self, key) for key in sorted(keys)}
+        """A short stable hash of the named settings: the part of a cache key a setting owns.
+
+        A setting added after keys were first made (`ADDED_LATER`) counts only when it differs
+        from its default: adding one must not retrain or re-encode what users already have.
+        """
+        values = {key: getattr(self, key) for key in sorted(keys)
+                  if key not in ADDED_LATER or getattr(self, key) != type(self).model_fields[key].default}
         return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

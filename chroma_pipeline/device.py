@@ -46,7 +46,7 @@ class DeviceInfo:
 
     def free_memory_bytes(self) -> int:
         if self.kind in ("cuda", "rocm"):
-            free, _total = torch.cuda.mem_get_info()
+            free, _total = torch.cuda.mem_get_info(self.torch_device)  # the pinned GPU, not GPU 0
             return int(free)
         if self.kind == "mps":
             return int(torch.mps.recommended_max_memory() - torch.mps.current_allocated_memory())
@@ -56,12 +56,12 @@ class DeviceInfo:
 
     def reset_peak_memory(self) -> None:
         if self.kind in ("cuda", "rocm"):
-            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.reset_peak_memory_stats(self.torch_device)
 
     def peak_memory_bytes(self) -> int:
         """Peak accelerator memory since the last reset; on CPU, the process's peak RSS."""
         if self.kind in ("cuda", "rocm"):
-            return int(torch.cuda.max_memory_allocated())
+            return int(torch.cuda.max_memory_allocated(self.torch_device))
         if self.kind == "mps":
             return int(torch.mps.driver_allocated_memory())
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

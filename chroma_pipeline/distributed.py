@@ -15,6 +15,7 @@ from datetime import timedelta
 
 import torch
 from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
 from .device import DeviceInfo
@@ -24,21 +25,37 @@ from .device import DeviceInfo
 COLLECTIVE_TIMEOUT = timedelta(hours=2)
 
 
-def _pin_single_gpu(device: DeviceInfo) -> None:
-    """accelerate trains one process on the *current* CUDA device; make that the pinned one (cuda:1, say).
-    Under `accelerate launch` each rank takes the GPU of its LOCAL_RANK instead."""
-    if device.torch_device.startswith("cuda:") and os.environ.get("WORLD_SIZE", "1") == "1":
-        torch.cuda.set_device(torch.device(device.torch_device))
+def _prepare_single_process(device: DeviceInfo) -> None:
+    """Prepare accelerate for a run that is not under `accelerate launch` (nothing to do under it).
+
+    - accelerate trains one process on the *current* CUDA device: make that the pinned one
+      (cuda:1, say). Under `accelerate launch` each rank takes the GPU of its LOCAL_RANK.
+    - accelerate refuses to start on GPUs without peer-to-peer support (RTX 40xx on older
+      drivers) unless NCCL's P2P/IB transports are off; `accelerate launch` turns them off
+      itself, and one process never uses NCCL.
+    - accelerate keeps its state in process-wide singletons that refuse a second training with
+      another precision (or silently keep a CPU device): a long-lived process (a notebook, an
+      in-process Dagster run) starts each training from a clean state.
+    """
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        return
+    if device.torch_device.startswith("cuda"):
+        os.environ.setdefault("NCCL_P2P_DISABLE", "1")
+        os.environ.setdefault("NCCL_IB_DISABLE", "1")
+        if ":" in device.torch_device:
+            torch.cuda.set_device(torch.device(device.torch_device))
+    AcceleratorState._reset_state(reset_partial_state=True)  # accelerate's own reset (its tests use it)
+    GradientState._reset_state()
 
 
 def process_state(device: DeviceInfo) -> PartialState:
     """The processes of this run (one, or every rank under `accelerate launch`), with the process group up."""
-    _pin_single_gpu(device)
+    _prepare_single_process(device)
     return PartialState(cpu=device.kind == "cpu", timeout=COLLECTIVE_TIMEOUT)
 
 
 def make_accelerator(device: DeviceInfo, dtype: torch.dtype, gradient_accumulation_steps: int) -> Accelerator:
-    _pin_single_gpu(device)
+    _prepare_single_process(device)
     mixed_precision = {torch.float32: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     return Accelerator(
         cpu=device.kind == "cpu",

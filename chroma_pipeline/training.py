@@ -229,7 +229,9 @@ def train_lora(
                     log(f"step {step}: validation loss {validation_losses[-1][1]:.4f} on {len(held)} held-out samples")
                 if render_progress is not None and accelerator.is_main_process and evaluate_now:
                     transformer.eval()
-                    with torch.no_grad():
+                    # Under bf16/fp16 `prepare` made the transformer return fp32; autocast keeps the
+                    # pipeline's latents in the VAE's dtype, as in training's own forward passes.
+                    with torch.no_grad(), accelerator.autocast():
                         progress[step] = render_progress(transformer, step)
                     transformer.train()
                 checkpoint_now = step % config.checkpointing_steps == 0 or stopping

@@ -155,3 +155,13 @@ def test_a_multi_machine_launch_names_this_machine_and_where_the_others_meet(tmp
     assert flags["--num_processes"] == "8" and flags["--num_machines"] == "2" and flags["--machine_rank"] == "1"
     assert flags["--main_process_ip"] == "10.0.0.5" and flags["--main_process_port"] == "29600"
     assert command[-7:] == ["-m", "chroma_pipeline.train", "--config", "cfg.jsonc", "--only-train", "--device", "cuda"]
+
+
+def test_a_setting_added_later_changes_no_key_at_its_default():
+    """num_machines joined the adapter's key after adapters existed: at 1 it must leave every key as it was."""
+    from chroma_pipeline.training import TRAINING_SETTINGS
+
+    config = config_from_dict({})
+    before = [key for key in TRAINING_SETTINGS if key != "num_machines"]
+    assert config.settings_hash(*TRAINING_SETTINGS) == config.settings_hash(*before)
+    assert config_from_dict({"num_machines": 2}).settings_hash(*TRAINING_SETTINGS) != config.settings_hash(*before)

@@ -126,3 +126,28 @@ def test_dropout_optimizer_targets_and_starting_from_an_existing_lora(small_proj
     _, started = train(flux_lora_target=["attn.to_q"], init_lora=str(strong_path), learning_rate=1e-30)
     for name in (k for k in started if "lora_B" in k):
         torch.testing.assert_close(started[name], strong[name] * 4)  # (32 / 8) / (8 / 8)
+
+
+def test_progress_renders_work_in_bf16_where_accelerate_makes_the_transformer_return_fp32(tiny_model_dir):
+    """On a GPU `prepare` wraps the transformer's forward in autocast and returns fp32; the renders made
+    while training must still decode with the bf16 VAE (they run under `accelerator.autocast()`).
+    The CPU computes in fp32 in real runs; bf16 here only reproduces the GPU's dtypes."""
+    from chroma_pipeline import grid, models
+    from chroma_pipeline.device import detect_device
+    from chroma_pipeline.distributed import make_accelerator
+
+    accelerator = make_accelerator(detect_device("cpu"), torch.bfloat16, 1)
+    transformer = models.load_transformer(tiny_model_dir, torch.bfloat16)
+    accelerator.prepare(transformer)
+    pipe = grid.make_pipeline(transformer, models.load_vae(tiny_model_dir, torch.bfloat16),
+                              models.load_scheduler(tiny_model_dir))
+    pipe.set_progress_bar_config(disable=True)
+    width = models.text_width(tiny_model_dir)
+    text = (torch.randn(8, width), torch.ones(8, dtype=torch.long))
+    options = dict(prompts=["p"], embeddings={"p": text}, negative=text, seeds=[0], guidance=1.0, steps=2, size=64,
+                   device="cpu")
+    with pytest.raises(RuntimeError, match="should be the same"):  # what a bare render hits
+        grid.render(pipe, "step 1", **options)
+    with accelerator.autocast():
+        cells = grid.render(pipe, "step 1", **options)
+    assert len(cells) == 1 and not cells[0].non_finite
