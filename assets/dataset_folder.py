@@ -15,7 +15,7 @@ import warnings
 from dagster import AssetKey, AssetObservation, DagsterInstance, DataVersion, ObserveResult, observable_source_asset
 
 from chroma_pipeline.config import ChromaConfig
-from chroma_pipeline.fingerprint import Fingerprint, fingerprint_dataset, summarize
+from chroma_pipeline.fingerprint import Fingerprint, fingerprint_config_datasets, summarize
 from chroma_pipeline.layout import Layout
 from chroma_pipeline.storage import write_json_atomic
 from resources import ArtifactStore, ChromaConfigResource
@@ -55,7 +55,7 @@ def observe_if_changed(
     instance: DagsterInstance, config: ChromaConfig, layout: Layout
 ) -> tuple[Fingerprint, AssetObservation | None]:
     """The folder's fingerprint, and an observation to record when it differs from the last one recorded."""
-    fingerprint = fingerprint_dataset(config.instance_data_dir, layout.dataset_memo)
+    fingerprint = fingerprint_config_datasets(config, layout.dataset_memo)
     if fingerprint.version == latest_observed_version(instance):
         return fingerprint, None
     observation = AssetObservation(
@@ -74,7 +74,7 @@ def observe_if_changed(
 def dataset_folder(context, chroma: ChromaConfigResource, store: ArtifactStore) -> ObserveResult:
     config = chroma.load(context.log)
     layout = store.layout(config)
-    fingerprint = fingerprint_dataset(config.instance_data_dir, layout.dataset_memo)
+    fingerprint = fingerprint_config_datasets(config, layout.dataset_memo)
     metadata = _observation_metadata(fingerprint, layout)
     _remember(fingerprint, layout)
     return ObserveResult(data_version=DataVersion(fingerprint.version), metadata=metadata)

@@ -3,7 +3,7 @@ from collections import Counter
 
 from dagster import AssetExecutionContext, AssetKey, AssetSpec, DataVersion, MaterializeResult, MetadataValue, multi_asset
 
-from chroma_pipeline.fingerprint import fingerprint_dataset
+from chroma_pipeline.fingerprint import fingerprint_config_datasets
 from chroma_pipeline.raw_dataset import build_manifest
 from resources import ArtifactStore, ChromaConfigResource
 
@@ -35,7 +35,7 @@ def raw_dataset(context: AssetExecutionContext, chroma: ChromaConfigResource, st
     # folder as it is; if that differs from the last observation, its lineage names the old
     # one. Say so: `dataset_watch` records the change at its next tick, and the UI then
     # shows this scan as unsynced until it runs again with the observation.
-    fingerprint = fingerprint_dataset(config.instance_data_dir, layout.dataset_memo)
+    fingerprint = fingerprint_config_datasets(config, layout.dataset_memo)
     observed = latest_observed_version(context.instance)
     if fingerprint.version != observed:
         context.log.warning(

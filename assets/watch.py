@@ -29,7 +29,7 @@ from dagster import (
 )
 
 from chroma_pipeline.config import ChromaConfig
-from chroma_pipeline.fingerprint import fingerprint_dataset
+from chroma_pipeline.fingerprint import fingerprint_config_datasets
 from resources import ArtifactStore, ChromaConfigResource
 
 from .dataset_folder import DATASET_FOLDER, observe_if_changed
@@ -73,7 +73,7 @@ def build_retrain_schedule(config: ChromaConfig):
     )
     def nightly_retrain(context: ScheduleEvaluationContext, chroma: ChromaConfigResource, store: ArtifactStore):
         config = chroma.load(context.log)
-        fingerprint = fingerprint_dataset(config.instance_data_dir, store.layout(config).dataset_memo)
+        fingerprint = fingerprint_config_datasets(config, store.layout(config).dataset_memo)
         if fingerprint.version == last_scanned_fingerprint(context.instance):
             return SkipReason(f"the dataset ({len(fingerprint.files)} files) has not changed since the last scan")
         return RunRequest(tags={"chroma/dataset_fingerprint": fingerprint.version})

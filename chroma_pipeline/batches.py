@@ -22,24 +22,53 @@ from .text import load_embedding
 class TrainingSample:
     latent: LatentEntry
     embedding_key: str
+    dataset: str = ""  # the dataset's id: batches never mix datasets, and each has its own repeats
+
+    @property
+    def bucket(self) -> tuple[str, int, int]:
+        return self.dataset, self.latent.bucket_width, self.latent.bucket_height
 
 
-def bucket_batches(samples: list[TrainingSample], batch_size: int, seed: int, repeats: int = 0):
-    """Endless batches, each from a single bucket; every sample appears 1 + `repeats` times per epoch."""
-    by_bucket: dict[tuple[int, int], list[int]] = defaultdict(list)
+def bucket_batches(samples: list[TrainingSample], batch_size: int, seed: int, repeats: dict[str, int] | int = 0,
+                   probability: dict[str, float] | None = None):
+    """Endless batches, each from a single bucket of a single dataset.
+
+    Every sample of dataset d appears 1 + `repeats[d]` times per epoch (SimpleTuner's meaning:
+    0 = once). With several datasets, the next batch comes from dataset d with a chance
+    proportional to `probability[d]` among the datasets with batches left in the epoch, so
+    probability shapes the mix over time while every sample is still seen once per epoch.
+    """
+    datasets = sorted({sample.dataset for sample in samples})
+    if isinstance(repeats, int):
+        repeats = dict.fromkeys(datasets, repeats)
+    by_bucket: dict[tuple[str, int, int], list[int]] = defaultdict(list)
     for index, sample in enumerate(samples):
-        by_bucket[(sample.latent.bucket_width, sample.latent.bucket_height)] += [index] * (1 + repeats)
+        by_bucket[sample.bucket] += [index] * (1 + repeats.get(sample.dataset, 0))
     epoch = 0
     while True:
         rng = random.Random(seed * 1_000_003 + epoch)
-        batches = []
+        per_dataset: dict[str, list[list[int]]] = {dataset: [] for dataset in datasets}
         for bucket in sorted(by_bucket):
             indices = by_bucket[bucket][:]
             rng.shuffle(indices)
-            batches += [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
-        rng.shuffle(batches)
-        yield from batches
+            per_dataset[bucket[0]] += [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+        for batches in per_dataset.values():
+            rng.shuffle(batches)
+        yield from _interleave(per_dataset, probability or {}, rng)
         epoch += 1
+
+
+def _interleave(per_dataset: dict[str, list], probability: dict[str, float], rng: random.Random):
+    if len(per_dataset) == 1:
+        yield from next(iter(per_dataset.values()))
+        return
+    left = {dataset: list(reversed(batches)) for dataset, batches in per_dataset.items() if batches}
+    while left:
+        names = sorted(left)
+        dataset = rng.choices(names, weights=[probability.get(name, 1.0) for name in names])[0]
+        yield left[dataset].pop()
+        if not left[dataset]:
+            del left[dataset]
 
 
 def batch_generator(seed: int, draw: int) -> torch.Generator:
@@ -55,13 +84,22 @@ def total_steps(config: ChromaConfig, samples: list[TrainingSample], processes: 
 
     Each step takes `gradient_accumulation_steps` batches on each of `processes` ranks.
     """
-    if config.num_train_epochs is None:
+    if not config.num_train_epochs:  # SimpleTuner writes 0 for "use max_train_steps"
         return config.max_train_steps
+    repeats = dataset_repeats(config)
     per_bucket = defaultdict(int)
     for sample in samples:
-        per_bucket[(sample.latent.bucket_width, sample.latent.bucket_height)] += 1 + config.repeats
+        per_bucket[sample.bucket] += 1 + repeats.get(sample.dataset, 0)
     batches = sum(math.ceil(count / config.train_batch_size) for count in per_bucket.values())
     return config.num_train_epochs * math.ceil(batches / (config.gradient_accumulation_steps * processes))
+
+
+def dataset_repeats(config: ChromaConfig) -> dict[str, int]:
+    return {dataset.id: dataset.setting("repeats", config) for dataset in config.image_datasets}
+
+
+def dataset_probability(config: ChromaConfig) -> dict[str, float]:
+    return {dataset.id: dataset.probability for dataset in config.image_datasets}
 
 
 def load_batch(batch, samples, latent_store, embedding_dir, vae_config, text_width, max_length, device, dtype, generator):

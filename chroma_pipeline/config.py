@@ -17,6 +17,8 @@ from typing import Any, Literal
 import json5
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .databackend import SHORTHAND_ID, DataBackendError, ImageDataset, read_data_backend
+
 FLAVOUR_REPOS = {
     "base": "lodestones/Chroma1-Base",
     "hd": "lodestones/Chroma1-HD",
@@ -35,7 +37,7 @@ NO_EFFECT_KEYS = {
 
 
 # Settings that joined a cache key after artifacts keyed without them existed (see settings_hash).
-ADDED_LATER = ("num_machines",)
+ADDED_LATER = ("num_machines", "datasets", "instance_prompt")
 
 
 class ConfigError(ValueError):
@@ -60,8 +62,13 @@ class ChromaConfig(BaseModel):
 
     # --- data ----------------------------------------------------------------------
     instance_data_dir: str = "datasets/chroma"
+    # SimpleTuner's dataloader file: several datasets, each with its own folder and settings (databackend.py)
+    data_backend_config: str | None = None
+    datasets: list[ImageDataset] = []  # read from data_backend_config by load_config (or written inline)
     output_dir: str = "chroma-output"
-    caption_strategy: Literal["auto", "textfile", "metadata"] = "auto"  # auto: metadata.* if present, else .txt
+    # auto: metadata.* if present, else .txt; filename: the file name; instanceprompt: `instance_prompt` for all
+    caption_strategy: Literal["auto", "textfile", "metadata", "filename", "instanceprompt"] = "auto"
+    instance_prompt: str | None = None
     metadata_file: str | None = None
     metadata_file_column: str = "file_name"
     metadata_caption_column: str = "text"
@@ -95,7 +102,7 @@ class ChromaConfig(BaseModel):
     train_batch_size: int = Field(1, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_train_steps: int = Field(1000, ge=1)
-    num_train_epochs: int | None = Field(None, ge=1)  # when set, replaces max_train_steps: epochs over the dataset
+    num_train_epochs: int | None = Field(None, ge=0)  # when set, replaces max_train_steps; 0 = unset (SimpleTuner)
     repeats: int = Field(0, ge=0)  # extra times each image is seen per epoch (SimpleTuner's meaning: 0 = once)
     optimizer: Literal["adamw", "adamw8bit", "adafactor"] = "adamw"
     num_processes: int = Field(1, ge=1)  # per machine; >1: lora_adapter launches `accelerate launch` (DDP, one GPU each)
@@ -169,6 +176,11 @@ class ChromaConfig(BaseModel):
             raise ValueError("must be a colour name or #rrggbb, e.g. 'white', 'black', '#808080'") from None
         return value
 
+    @field_validator("num_train_epochs")
+    @classmethod
+    def _zero_epochs_is_unset(cls, value: int | None) -> int | None:
+        return value or None  # SimpleTuner's `num_train_epochs: 0` means "train max_train_steps"
+
     @field_validator("base_model_precision")
     @classmethod
     def _bf16_is_no_change(cls, value: str) -> str:
@@ -185,6 +197,15 @@ class ChromaConfig(BaseModel):
     @property
     def unknown_keys(self) -> list[str]:
         return sorted(k for k in (self.model_extra or {}) if k not in NO_EFFECT_KEYS)
+
+    @property
+    def image_datasets(self) -> list[ImageDataset]:
+        """The datasets to train on: the dataloader file's, or `instance_data_dir` alone."""
+        return list(self.datasets) or [ImageDataset(id=SHORTHAND_ID, instance_data_dir=self.instance_data_dir)]
+
+    @property
+    def named_datasets(self) -> bool:
+        return bool(self.datasets)
 
     @property
     def lora_alpha_value(self) -> float:
@@ -235,6 +256,10 @@ class ChromaConfig(BaseModel):
         """
         values = {key: getattr(self, key) for key in sorted(keys)
                   if key not in ADDED_LATER or getattr(self, key) != type(self).model_fields[key].default}
+        if "datasets" in values:
+            # Only what the pipeline reads: a no-effect key like `cache_dir_vae` must not invalidate caches.
+            values["datasets"] = [{k: v for k, v in d.model_dump(exclude_none=True).items() if k in ImageDataset.model_fields}
+                                  for d in self.datasets]
         return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -294,18 +319,58 @@ def load_config(path: str | Path, **overrides: Any) -> ChromaConfig:
     # SimpleTuner's config.json writes its keys as command-line flags ("--model_family").
     values = {str(key).removeprefix("--"): value for key, value in values.items()}
     values.update(overrides)
-    # Written or defaulted, paths are relative to the config file.
-    for key in ("instance_data_dir", "output_dir", "user_prompt_library", "init_lora"):
+    # Written or defaulted, paths are relative to the config file; a relative path that is not
+    # there but is under the working directory is read there, as SimpleTuner does.
+    for key in ("instance_data_dir", "output_dir", "user_prompt_library", "init_lora", "data_backend_config"):
         value = values.get(key, ChromaConfig.model_fields[key].default)
-        if isinstance(value, str) and not Path(value).expanduser().is_absolute():  # (None stays None)
-            values[key] = str((path.parent / value).resolve())
+        if isinstance(value, str):  # (None stays None)
+            values[key] = resolve_path(value, path.parent, must_exist=key != "output_dir")
+    if values.get("data_backend_config") and "datasets" not in values:
+        values["datasets"] = datasets_from_file(Path(values["data_backend_config"]), path.parent)
     config = config_from_dict(values, source=str(path))
     if config.init_lora and not Path(config.init_lora).is_file():
         raise ConfigError(f"{path}: `init_lora` = {config.init_lora!r} is not a file; give a pytorch_lora_weights.safetensors")
-    data, output = Path(config.instance_data_dir).resolve(), Path(config.output_dir).resolve()
-    if output.is_relative_to(data):
-        raise ConfigError(
-            f"{path}: `output_dir` ({output}) is inside `instance_data_dir` ({data}); the pipeline's own files would "
-            "look like dataset changes (and grid images like training images). Put output_dir beside the dataset."
-        )
+    output = Path(config.output_dir).resolve()
+    for dataset in config.image_datasets:
+        data = dataset.root.resolve()
+        if dataset.type == "local" and output.is_relative_to(data):
+            raise ConfigError(
+                f"{path}: `output_dir` ({output}) is inside {dataset.describe()} ({data}); the pipeline's own "
+                "files would look like dataset changes (and grid images like training images). Put output_dir beside "
+                "the dataset."
+            )
     return config
+
+
+def resolve_path(value: str, config_dir: Path, must_exist: bool = True) -> str:
+    """An absolute path for `value`: against the config's folder, else the working directory if it exists there."""
+    given = Path(value).expanduser()
+    if given.is_absolute():
+        return str(given)
+    beside_config = (config_dir / given).resolve()
+    if must_exist and not beside_config.exists() and given.resolve().exists():
+        return str(given.resolve())
+    return str(beside_config)
+
+
+def datasets_from_file(path: Path, config_dir: Path) -> list[dict]:
+    """The image datasets of a SimpleTuner dataloader file, their folders made absolute."""
+    if not path.is_file():
+        raise ConfigError(f"`data_backend_config` = {str(path)!r} is not a file; give the path of your multidatabackend.json")
+    try:
+        entries, notes = read_data_backend(path)
+    except DataBackendError as exc:
+        raise ConfigError(str(exc)) from None
+    for note in notes:
+        warnings.warn(f"{path}: {note}", stacklevel=3)
+    for entry in entries:
+        for key in ("instance_data_dir",):
+            if isinstance(entry.get(key), str):
+                entry[key] = resolve_path(entry[key], config_dir)
+        if entry.get("type") == "huggingface" and isinstance(entry.get("dataset_name"), str):
+            local = resolve_path(entry["dataset_name"], config_dir)
+            if Path(local).exists():  # a dataset saved to disk; otherwise a Hub id
+                entry["dataset_name"] = local
+        if isinstance(entry.get("parquet"), dict) and isinstance(entry["parquet"].get("path"), str):
+            entry["parquet"] = {**entry["parquet"], "path": resolve_path(entry["parquet"]["path"], config_dir)}
+    return entries

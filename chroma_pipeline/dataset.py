@@ -9,6 +9,7 @@ cannot use gets a row with the reason. Hashes are of content, never names or mti
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import re
@@ -30,7 +31,7 @@ METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 
 @dataclass
 class ManifestRow:
-    path: str  # relative to the dataset root, with forward slashes
+    path: str  # the sample's name: `<dataset id>/<path in the dataset>` (the shorthand dataset: the path alone)
     status: str  # "ok" or "skipped"
     skip_reason: str = ""
     image_sha256: str = ""
@@ -39,12 +40,18 @@ class ManifestRow:
     caption: str = ""  # what training uses: decoded and stripped
     caption_sha256: str = ""
     caption_original: str = ""  # as written in the file, for the record
-    caption_source: str = ""  # "textfile", "metadata", "filename" or "empty"
+    caption_source: str = ""  # "textfile", "metadata", "filename", "instanceprompt" or "empty"
+    dataset: str = ""  # the dataset's id ("" for the one-folder shorthand)
 
 
 @dataclass(frozen=True)
 class ScanOptions:
-    caption_strategy: str = "auto"  # "auto", "textfile" or "metadata"
+    caption_strategy: str = "auto"  # "auto", "textfile", "metadata", "filename", "instanceprompt" or "parquet"
+    instance_prompt: str | None = None
+    # SimpleTuner's `parquet` captions: a table named in the config (it may live outside the dataset)
+    caption_table: str | None = None
+    caption_table_fallback_column: str | None = None
+    caption_table_names_have_extension: bool = False
     metadata_file: str | None = None  # relative to the dataset root; found automatically when None
     metadata_file_column: str = "file_name"
     metadata_caption_column: str = "text"
@@ -86,7 +93,8 @@ def find_metadata(root: Path, options: ScanOptions) -> Path | None:
     return found[0] if found else None
 
 
-def read_metadata_captions(path: Path, file_column: str, caption_column: str) -> dict[str, str]:
+def read_metadata_captions(path: Path, file_column: str, caption_column: str,
+                           fallback_column: str | None = None) -> dict[str, str]:
     """file name (relative to the metadata file's folder) -> caption, from a jsonl, csv or parquet table.
 
     A row whose caption is empty of value (null, NaN) counts as no caption, so the fallback applies.
@@ -103,11 +111,17 @@ def read_metadata_captions(path: Path, file_column: str, caption_column: str) ->
             f"{path}: needs columns {file_column!r} and {caption_column!r} (found {sorted(records[0])}); "
             "set metadata_file_column / metadata_caption_column"
         )
-    return {
-        str(r[file_column]).replace("\\", "/").removeprefix("./"): str(r[caption_column])
-        for r in records
-        if r[caption_column] is not None and r[caption_column] == r[caption_column]  # not None, not NaN
-    }
+    def has_value(value) -> bool:
+        return value is not None and value == value and str(value).strip() != ""  # not None, not NaN, not blank
+
+    captions = {}
+    for record in records:
+        caption = record[caption_column]
+        if not has_value(caption) and fallback_column:
+            caption = record.get(fallback_column)
+        if has_value(caption):
+            captions[str(record[file_column]).replace("\\", "/").removeprefix("./")] = str(caption)
+    return captions
 
 
 def too_small(width: int, height: int, options: ScanOptions) -> bool:
@@ -122,19 +136,58 @@ def caption_from_filename(path: Path) -> str:
     return re.sub(r"[_\-]+", " ", path.stem).strip()
 
 
+def image_row(relative: str, image: Path | bytes, original: str, source: str, options: ScanOptions,
+              seen_hashes: dict[str, str]) -> ManifestRow:
+    """The manifest row of one captioned image (a file or its bytes): usable, or skipped with the reason."""
+    try:
+        width, height = open_rgb(image, options.alpha_background).size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return ManifestRow(relative, "skipped", "too large")
+    except (OSError, ValueError, SyntaxError, EOFError):
+        return ManifestRow(relative, "skipped", "unreadable")
+    if too_small(width, height, options):
+        return ManifestRow(relative, "skipped", "too small")
+    if options.maximum_upscale:
+        bucket = bucket_for(width, height, options.resolution, options.resolution_type, options.crop_aspect)
+        if upscale_needed(width, height, bucket) > options.maximum_upscale:
+            return ManifestRow(relative, "skipped", "needs more upscaling than maximum_upscale")
+    image_hash = sha256_file(image) if isinstance(image, Path) else hashlib.sha256(image).hexdigest()
+    if image_hash in seen_hashes:
+        return ManifestRow(relative, "skipped", f"duplicate of {seen_hashes[image_hash]}")
+    seen_hashes[image_hash] = relative
+    caption = original.strip()
+    return ManifestRow(relative, "ok", "", image_hash, width, height, caption, sha256_text(caption), original, source)
+
+
 def scan_dataset(root: Path, options: ScanOptions = ScanOptions()) -> list[ManifestRow]:
     root = Path(root).resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"instance_data_dir {root} is not a folder; set it to the folder of your images")
-    metadata_path = None if options.caption_strategy == "textfile" else find_metadata(root, options)
+    metadata_path = None
+    if options.caption_strategy in ("auto", "metadata"):
+        metadata_path = find_metadata(root, options)
     if options.caption_strategy == "metadata" and metadata_path is None:
         raise FileNotFoundError(f"caption_strategy is 'metadata' but {root} has none of {', '.join(METADATA_FILES)}")
-    listed = None
-    if metadata_path:
+    listed, by_file_name, keep_suffix = None, False, True
+    if options.caption_strategy == "parquet":
+        if not options.caption_table or not Path(options.caption_table).is_file():
+            raise FileNotFoundError(f"caption_strategy 'parquet' needs a `parquet` block whose `path` is a table "
+                                    f"(got {options.caption_table!r})")
+        listed = read_metadata_captions(Path(options.caption_table), options.metadata_file_column,
+                                        options.metadata_caption_column, options.caption_table_fallback_column)
+        by_file_name = not any("/" in name for name in listed)
+        keep_suffix = options.caption_table_names_have_extension
+    elif metadata_path:
         # Names in a metadata file are relative to its own folder (the Hugging Face image-folder rule).
         prefix = metadata_path.parent.relative_to(root).as_posix()
         captions = read_metadata_captions(metadata_path, options.metadata_file_column, options.metadata_caption_column)
         listed = {(name if prefix == "." else f"{prefix}/{name}"): text for name, text in captions.items()}
+
+    def table_name(relative: str) -> str:
+        """How the caption table names an image: SimpleTuner's parquet tables often give the bare
+        file name, and by default (identifier_includes_extension false) without its suffix."""
+        name = relative.rsplit("/", 1)[-1] if by_file_name else relative
+        return name if keep_suffix else name.rsplit(".", 1)[0]
 
     rows: list[ManifestRow] = []
     seen_hashes: dict[str, str] = {}
@@ -144,8 +197,13 @@ def scan_dataset(root: Path, options: ScanOptions = ScanOptions()) -> list[Manif
         if not is_inside(path, root):
             rows.append(ManifestRow(relative, "skipped", "outside root"))
             continue
-        if listed is not None:
-            original, source = (listed[relative], "metadata") if relative in listed else (None, "")
+        if options.caption_strategy == "instanceprompt":
+            original, source = options.instance_prompt, "instanceprompt"
+        elif options.caption_strategy == "filename":
+            original, source = caption_from_filename(path), "filename"
+        elif listed is not None:
+            name = table_name(relative)
+            original, source = (listed[name], "metadata") if name in listed else (None, "")
         else:
             caption_path = path.with_suffix(".txt")
             if caption_path.is_file() and not is_inside(caption_path, root):
@@ -161,33 +219,10 @@ def scan_dataset(root: Path, options: ScanOptions = ScanOptions()) -> list[Manif
                 continue
             original = caption_from_filename(path) if options.caption_fallback == "filename" else ""
             source = options.caption_fallback
-        try:
-            width, height = open_rgb(path, options.alpha_background).size
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            rows.append(ManifestRow(relative, "skipped", "too large"))
-            continue
-        except (OSError, ValueError, SyntaxError, EOFError):
-            rows.append(ManifestRow(relative, "skipped", "unreadable"))
-            continue
-        if too_small(width, height, options):
-            rows.append(ManifestRow(relative, "skipped", "too small"))
-            continue
-        if options.maximum_upscale:
-            bucket = bucket_for(width, height, options.resolution, options.resolution_type, options.crop_aspect)
-            if upscale_needed(width, height, bucket) > options.maximum_upscale:
-                rows.append(ManifestRow(relative, "skipped", "needs more upscaling than maximum_upscale"))
-                continue
-        image_hash = sha256_file(path)
-        if image_hash in seen_hashes:
-            rows.append(ManifestRow(relative, "skipped", f"duplicate of {seen_hashes[image_hash]}"))
-            continue
-        seen_hashes[image_hash] = relative
-        caption = original.strip()
-        rows.append(ManifestRow(relative, "ok", "", image_hash, width, height, caption, sha256_text(caption),
-                                original, source))
+        rows.append(image_row(relative, path, original, source, options, seen_hashes))
 
     if listed is not None:  # files the metadata names that are not there, or that point outside
-        seen = {row.path for row in rows}
+        seen = {table_name(row.path) for row in rows}
         for name in sorted(set(listed) - seen):
             inside = (root / name).resolve().is_relative_to(root)
             rows.append(ManifestRow(name, "skipped", "listed in metadata, no such image" if inside else "outside root"))
@@ -218,5 +253,6 @@ _SCHEMA = pa.schema(
         ("caption_sha256", pa.string()),
         ("caption_original", pa.string()),
         ("caption_source", pa.string()),
+        ("dataset", pa.string()),
     ]
 )

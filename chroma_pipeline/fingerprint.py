@@ -17,7 +17,7 @@ from .dataset import IMAGE_SUFFIXES, is_inside
 from .storage import combine_hashes, sha256_file, write_json_atomic
 
 # Everything the scan can read: images, caption files and metadata tables.
-WATCHED_SUFFIXES = IMAGE_SUFFIXES | {".txt", ".jsonl", ".csv", ".parquet"}
+WATCHED_SUFFIXES = IMAGE_SUFFIXES | {".txt", ".jsonl", ".csv", ".parquet", ".arrow"}  # .arrow: a saved HF dataset
 
 
 @dataclass
@@ -89,6 +89,28 @@ def fingerprint_dataset(root: Path, memo_path: Path | None = None) -> Fingerprin
         memo.entries = fresh
         memo.save()
     return Fingerprint(combine_hashes(*(f"{p}:{h}" for p, h in files.items())), files, hashed)
+
+
+def fingerprint_config_datasets(config, memo_path: Path) -> Fingerprint:
+    """The fingerprint of every dataset the config trains on, their files named by sample path.
+
+    Also the caption tables a dataloader file names outside its dataset folder: editing
+    one is a caption change. One memo per dataset, since relative paths can repeat across them.
+    """
+    datasets = config.image_datasets
+    if not config.named_datasets:
+        return fingerprint_dataset(Path(datasets[0].root), memo_path)
+    files, hashed = {}, 0
+    for dataset in datasets:
+        if dataset.type == "huggingface" and not dataset.root.is_dir():  # a Hub id: its revision is the Hub's business
+            files[f"{dataset.id}:"] = f"hub:{dataset.dataset_name}:{dataset.split}"
+            continue
+        part = fingerprint_dataset(dataset.root, memo_path.with_name(f"{memo_path.stem}.{dataset.id}{memo_path.suffix}"))
+        files.update({f"{dataset.id}/{name}": digest for name, digest in part.files.items()})
+        hashed += part.hashed
+        if dataset.parquet and Path(dataset.parquet.path).is_file():
+            files[f"{dataset.id}:{dataset.parquet.path}"] = sha256_file(Path(dataset.parquet.path))
+    return Fingerprint(combine_hashes(*(f"{p}:{h}" for p, h in sorted(files.items()))), files, hashed)
 
 
 def summarize(changes: dict[str, list[str]], limit: int = 20) -> str:

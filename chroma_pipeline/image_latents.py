@@ -2,21 +2,35 @@
 
 from __future__ import annotations
 
-from collections import Counter
-from pathlib import Path
+import functools
+from collections import Counter, defaultdict
 
 from . import models
 from .config import ChromaConfig
 from .dataset import read_manifest, usable
 from .device import DeviceInfo
-from .latents import Framing, encode_dataset, write_latent_index
+from .latents import Bucketing, Framing, encode_dataset, write_latent_index
 from .layout import Layout, StepResult
+from .sources import read_image
 from .storage import combine_hashes
 
 SETTINGS = (
     "output_dir", *models.MODEL_SETTINGS, "resolution", "resolution_type", "alpha_background", "crop", "crop_style",
-    "crop_aspect",
+    "crop_aspect", "datasets",
 )
+
+
+def dataset_bucketing(config: ChromaConfig) -> dict[str, Bucketing]:
+    """Each dataset's bucket size and framing (its own settings, else the main config's) and reader."""
+    return {
+        dataset.id: Bucketing(
+            resolution=dataset.setting("resolution", config), resolution_type=dataset.setting("resolution_type", config),
+            framing=Framing(dataset.setting("crop", config), dataset.setting("crop_style", config),
+                            dataset.setting("crop_aspect", config), config.alpha_background),
+            read=functools.partial(read_image, dataset),
+        )
+        for dataset in config.image_datasets
+    }
 
 
 def build_latents(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=print) -> StepResult:
@@ -29,11 +43,9 @@ def build_latents(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=
         return models.load_vae(model_dir, dtype).to(device.torch_device).eval()
 
     entries, stats = encode_dataset(
-        rows, Path(config.instance_data_dir), layout.latent_dir, load_vae,
+        rows, dataset_bucketing(config), layout.latent_dir, load_vae,
         latent_channels=models.vae_config(model_dir)["latent_channels"],
         vae_identity=models.component_identity(model_dir, "vae"),
-        resolution=config.resolution, resolution_type=config.resolution_type,
-        framing=Framing(config.crop, config.crop_style, config.crop_aspect, config.alpha_background),
         device=device.torch_device, dtype=dtype, workers=config.vae_workers, log=log,
         # On CPU one image at a time beat batches of 8 by 2x (benchmarks/latent_cache.py); GPUs like batches.
         batch_size=config.vae_batch_size or (1 if device.kind == "cpu" else 4),
@@ -42,4 +54,9 @@ def build_latents(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=
     write_latent_index(entries, layout.latent_index)
     buckets = Counter(f"{e.bucket_width}x{e.bucket_height}" for e in entries)
     stats.update(samples=len(entries), buckets=dict(sorted(buckets.items())))
+    if config.named_datasets:  # each dataset keeps its own buckets
+        by_dataset = defaultdict(Counter)
+        for row, entry in zip(rows, entries, strict=True):
+            by_dataset[row.dataset][f"{entry.bucket_width}x{entry.bucket_height}"] += 1
+        stats["buckets by dataset"] = {d: dict(sorted(c.items())) for d, c in sorted(by_dataset.items())}
     return StepResult(combine_hashes(*sorted(f"{e.path}:{e.cache_key}" for e in entries)), layout.latent_index, stats)

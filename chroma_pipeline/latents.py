@@ -15,6 +15,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pyarrow as pa
 import torch
@@ -47,6 +48,16 @@ class Framing:
     background: str = "white"
 
 
+@dataclass(frozen=True)
+class Bucketing:
+    """One dataset's bucket size and framing; `read(relative path)` returns an image's stored bytes."""
+
+    resolution: float
+    resolution_type: str
+    framing: Framing
+    read: Callable[[str], bytes]  # picklable: VAE workers call it
+
+
 def latent_cache_key(
     image_sha256: str, bucket: tuple[int, int], vae_identity: str, dtype: torch.dtype, framing: Framing = Framing()
 ) -> str:
@@ -74,24 +85,25 @@ def load_latent_entry(store: ShardStore, entry: LatentEntry, latent_channels: in
 class _BucketBatches(torch.utils.data.Dataset):
     """Each item is one ready batch of pixels from a single bucket, decoded and resized in a worker."""
 
-    def __init__(self, batches: list[list[LatentEntry]], dataset_root: Path, framing: Framing):
-        self.batches, self.dataset_root, self.framing = batches, dataset_root, framing
+    def __init__(self, batches: list[list[tuple[LatentEntry, Bucketing, str]]]):
+        self.batches = batches
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __getitem__(self, index: int) -> torch.Tensor:
         batch = self.batches[index]
-        bucket = (batch[0].bucket_width, batch[0].bucket_height)
-        return torch.stack([self._pixels(entry, bucket) for entry in batch])
+        bucket = (batch[0][0].bucket_width, batch[0][0].bucket_height)
+        return torch.stack([self._pixels(entry, bucketing, relative, bucket) for entry, bucketing, relative in batch])
 
-    def _pixels(self, entry: LatentEntry, bucket: tuple[int, int]) -> torch.Tensor:
+    @staticmethod
+    def _pixels(entry: LatentEntry, bucketing: Bucketing, relative: str, bucket: tuple[int, int]) -> torch.Tensor:
         # Decode the very bytes whose hash keys the entry: a file edited after the scan must not
         # leave its new pixels cached under the old content's key.
-        data = (self.dataset_root / entry.path).read_bytes()
+        data = bucketing.read(relative)
         if hashlib.sha256(data).hexdigest() != entry.image_sha256:
             raise RuntimeError(f"{entry.path} changed since the dataset scan: re-materialize raw_dataset, then image_latents")
-        framing = self.framing
+        framing = bucketing.framing
         image = open_rgb(data, framing.background)
         return to_model_input(fit_to_bucket(image, bucket, framing.crop, framing.crop_style, seed=entry.image_sha256))
 
@@ -122,58 +134,58 @@ def default_workers() -> int:
 @torch.no_grad()
 def encode_dataset(
     rows: list[ManifestRow],
-    dataset_root: Path,
+    bucketing: dict[str, Bucketing],
     cache_dir: Path,
     load_vae,
     latent_channels: int,
     vae_identity: str,
-    resolution: float,
-    resolution_type: str,
     device: str,
     dtype: torch.dtype,
-    framing: Framing = Framing(),
     batch_size: int = 4,
     workers: int | None = None,
     log=print,
 ) -> tuple[list[LatentEntry], dict[str, int]]:
     """Make sure every row has a valid cache entry; encode only those that do not.
 
-    `load_vae` is called only when something needs encoding, so a warm cache costs no model
-    load. Batches come from one bucket each; worker processes decode and resize the next
-    batches while the VAE encodes the current one.
+    `bucketing` gives each dataset (by id) its bucket size, framing and reader. `load_vae`
+    is called only when something needs encoding, so a warm cache costs no model load.
+    Batches come from one bucket each; worker processes decode and resize the next batches
+    while the VAE encodes the current one.
     """
-    entries = []
+    entries, jobs = [], {}
     for row in rows:
-        bucket = bucket_for(row.width, row.height, resolution, resolution_type, framing.crop_aspect)
+        settings = bucketing[row.dataset]
+        framing = settings.framing
+        bucket = bucket_for(row.width, row.height, settings.resolution, settings.resolution_type, framing.crop_aspect)
         key = latent_cache_key(row.image_sha256, bucket, vae_identity, dtype, framing)
-        entries.append(LatentEntry(row.path, row.image_sha256, bucket[0], bucket[1], key))
+        entry = LatentEntry(row.path, row.image_sha256, bucket[0], bucket[1], key)
+        entries.append(entry)
+        relative = row.path.removeprefix(f"{row.dataset}/") if row.dataset else row.path
+        jobs.setdefault(key, (entry, settings, relative))  # two rows share a key only if they are the same image
 
     store = ShardStore(cache_dir)
-    missing = [e for e in entries if load_latent_entry(store, e, latent_channels) is None]
-    # Two rows can share a key only if they are the same image; encode it once.
-    missing = list({e.cache_key: e for e in missing}.values())
+    missing = [job for key, job in jobs.items() if load_latent_entry(store, job[0], latent_channels) is None]
     if not missing:
         return entries, {"encoded": 0, "reused": len(entries)}
 
-    by_bucket: dict[tuple[int, int], list[LatentEntry]] = defaultdict(list)
-    for entry in missing:
-        by_bucket[(entry.bucket_width, entry.bucket_height)].append(entry)
+    by_bucket: dict[tuple[int, int], list] = defaultdict(list)
+    for job in missing:
+        by_bucket[(job[0].bucket_width, job[0].bucket_height)].append(job)
     batches = [
-        bucket_entries[start : start + batch_size]
-        for _, bucket_entries in sorted(by_bucket.items())
-        for start in range(0, len(bucket_entries), batch_size)
+        bucket_jobs[start : start + batch_size]
+        for _, bucket_jobs in sorted(by_bucket.items())
+        for start in range(0, len(bucket_jobs), batch_size)
     ]
     workers = default_workers() if workers is None else workers
     loader = torch.utils.data.DataLoader(
-        _BucketBatches(batches, dataset_root, framing), batch_size=None,
-        num_workers=workers if len(batches) > 1 else 0,
+        _BucketBatches(batches), batch_size=None, num_workers=workers if len(batches) > 1 else 0,
     )
 
     vae = load_vae()
     encoded, started = 0, time.perf_counter()
     for batch, pixels in zip(batches, loader, strict=True):
         mean, std = encode_with_backoff(vae, pixels.to(device=device, dtype=dtype), log)
-        for i, entry in enumerate(batch):
+        for i, (entry, _, _) in enumerate(batch):
             store.put(entry.cache_key, {"mean": mean[i], "std": std[i]})
         encoded += len(batch)
         rate = encoded / (time.perf_counter() - started)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from . import grid, models, training
 from .config import ChromaConfig
+from .databackend import dataset_of
 from .device import DeviceInfo
 from .grid import VALIDATION_SETTINGS, make_pipeline, progress_strip, stack
 from .latents import read_latent_index
@@ -43,8 +44,11 @@ class AdapterPlan:
         return self.weights.is_file() and (self.folder / "loss_history.json").is_file()
 
 
-def training_samples(layout: Layout) -> tuple[list[training.TrainingSample], str]:
-    """Pair every cached latent with its caption's cached embedding; returns (samples, empty caption key)."""
+def training_samples(layout: Layout, named_datasets: bool = False) -> tuple[list[training.TrainingSample], str]:
+    """Pair every cached latent with its caption's cached embedding; returns (samples, empty caption key).
+
+    `named_datasets`: sample paths start with their dataset's id (a dataloader file is in use).
+    """
     # The two indexes, not the live manifest: a scan that lands mid-run cannot pair a latent
     # with a caption its cache never saw. Each index records the files it was built from.
     latents = {e.path: e for e in read_latent_index(layout.latent_index)}
@@ -59,7 +63,8 @@ def training_samples(layout: Layout) -> tuple[list[training.TrainingSample], str
             f"(only in latents: {only_images}, only in embeddings: {only_captions}); re-materialize whichever is "
             "unsynced in Dagster (the automation sensor does it on its own)"
         )
-    samples = [training.TrainingSample(latents[path], captions[path]) for path in sorted(latents)]
+    samples = [training.TrainingSample(latents[path], captions[path], dataset_of(path, named_datasets)[0])
+               for path in sorted(latents)]
     return samples, empty_keys[0]
 
 
@@ -67,7 +72,7 @@ def plan_adapter(config: ChromaConfig, layout: Layout, device: DeviceInfo) -> Ad
     """Which adapter the current data and settings call for: the (latent, caption) pairs it trains on,
     the base model and the training settings. Validation prompts are not part of it: changing them
     re-renders the grid, never retrains."""
-    samples, empty_key = training_samples(layout)
+    samples, empty_key = training_samples(layout, config.named_datasets)
     pairs = sorted(f"{s.latent.cache_key}:{s.embedding_key}" for s in samples)
     start = models.weights_digest(Path(config.init_lora)) if config.init_lora else ""  # its content, not its name
     key = combine_hashes(*pairs, empty_key, base_model_key(config, layout, device), start,

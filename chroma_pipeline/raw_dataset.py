@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ChromaConfig
+from .databackend import ImageDataset, sample_path
+from .sources import scan_huggingface
 from .dataset import ManifestRow, ScanOptions, scan_dataset, usable, write_manifest
 from .layout import Layout, StepResult
 from .storage import combine_hashes
@@ -15,7 +17,7 @@ from .storage import combine_hashes
 SETTINGS = (
     "output_dir", "instance_data_dir", "caption_strategy", "metadata_file", "metadata_file_column",
     "metadata_caption_column", "caption_fallback", "minimum_image_size", "resolution_type", "alpha_background",
-    "maximum_upscale", "resolution", "crop_aspect",
+    "maximum_upscale", "resolution", "crop_aspect", "instance_prompt", "datasets",
 )
 
 
@@ -27,22 +29,56 @@ class DatasetVersions:
     captions: str  # which caption is in which file: image edits leave it alone
 
 
-def build_manifest(config: ChromaConfig, layout: Layout) -> tuple[StepResult, list[ManifestRow]]:
-    options = ScanOptions(
-        caption_strategy=config.caption_strategy, metadata_file=config.metadata_file,
-        metadata_file_column=config.metadata_file_column, metadata_caption_column=config.metadata_caption_column,
-        caption_fallback=config.caption_fallback, minimum_image_size=config.minimum_image_size,
-        resolution_type=config.resolution_type, alpha_background=config.alpha_background,
-        resolution=config.resolution, crop_aspect=config.crop_aspect, maximum_upscale=config.maximum_upscale,
+def scan_options(config: ChromaConfig, dataset: ImageDataset) -> ScanOptions:
+    """How to scan one dataset: its own settings, else the main config's."""
+    strategy = dataset.setting("caption_strategy", config)
+    table = dataset.parquet
+    return ScanOptions(
+        caption_strategy=strategy, instance_prompt=dataset.setting("instance_prompt", config),
+        metadata_file=dataset.setting("metadata_file", config),
+        metadata_file_column=table.filename_column if table else dataset.setting("metadata_file_column", config),
+        metadata_caption_column=table.caption_column if table else dataset.setting("metadata_caption_column", config),
+        caption_table=table.path if table else None,
+        caption_table_fallback_column=table.fallback_caption_column if table else None,
+        caption_table_names_have_extension=table.identifier_includes_extension if table else False,
+        caption_fallback=dataset.setting("caption_fallback", config),
+        minimum_image_size=dataset.setting("minimum_image_size", config),
+        resolution_type=dataset.setting("resolution_type", config), alpha_background=config.alpha_background,
+        resolution=dataset.setting("resolution", config), crop_aspect=dataset.setting("crop_aspect", config),
+        maximum_upscale=dataset.setting("maximum_upscale", config),
     )
-    rows = scan_dataset(Path(config.instance_data_dir), options)
+
+
+def scan_one(config: ChromaConfig, dataset: ImageDataset) -> list[ManifestRow]:
+    options = scan_options(config, dataset)
+    if options.caption_strategy == "instanceprompt" and not options.instance_prompt:
+        raise ValueError(f"{dataset.describe()}: caption_strategy 'instanceprompt' needs `instance_prompt`, "
+                         "the caption every image gets")
+    if dataset.type == "huggingface":
+        rows = scan_huggingface(dataset, options)
+    else:
+        rows = scan_dataset(dataset.root, options)
+    for row in rows:  # a duplicate's reason names its twin by sample path too
+        row.path, row.dataset = sample_path(dataset.id, row.path), dataset.id
+        if row.skip_reason.startswith("duplicate of "):
+            row.skip_reason = "duplicate of " + sample_path(dataset.id, row.skip_reason.removeprefix("duplicate of "))
+    return rows
+
+
+def build_manifest(config: ChromaConfig, layout: Layout) -> tuple[StepResult, list[ManifestRow]]:
+    # Duplicates are looked for inside each dataset only: the same folder listed twice at two
+    # resolutions (SimpleTuner's multi-resolution recipe) is two datasets, not duplicates.
+    rows = [row for dataset in config.image_datasets for row in scan_one(config, dataset)]
     ok = usable(rows)
-    if not ok:
-        reasons = Counter(row.skip_reason for row in rows)
+    empty = [d for d in config.image_datasets if not any(r.dataset == d.id for r in ok)]
+    if empty:
+        dataset = empty[0]
+        reasons = Counter(row.skip_reason for row in rows if row.dataset == dataset.id)
         detail = ", ".join(f"{n} {reason}" for reason, n in reasons.items()) or "no image files found"
         raise ValueError(
-            f"no usable sample in {config.instance_data_dir} ({detail}). Each image needs a caption file with the "
-            "same name and a .txt suffix (photo.jpg -> photo.txt)."
+            f"no usable sample in {dataset.describe()} ({dataset.root}: {detail}). Each image needs a caption: a "
+            "file with the same name and a .txt suffix (photo.jpg -> photo.txt), a metadata table, or a "
+            "caption_strategy of filename or instanceprompt."
         )
     write_manifest(rows, layout.manifest)
     versions = DatasetVersions(

@@ -19,7 +19,8 @@ from accelerate.utils import gather_object
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .batches import TrainingSample, batch_generator, bucket_batches, load_batch, total_steps
+from .batches import (TrainingSample, batch_generator, bucket_batches, dataset_probability, dataset_repeats,
+                      load_batch, total_steps)
 from .checkpoints import newest_usable, restore_checkpoint, save_checkpoint
 from .config import ChromaConfig
 from .device import DeviceInfo
@@ -36,7 +37,7 @@ TRAINING_SETTINGS = (
     "network_rank", "lora_alpha", "flux_lora_target", "learning_rate", "lr_scheduler", "lr_warmup_steps",
     "max_grad_norm", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "mixed_precision",
     "seed", "caption_dropout_probability", "validation_loss_share", "lora_dropout", "init_lora", "num_train_epochs",
-    "repeats", "optimizer", "adam_weight_decay", "num_processes", "num_machines",
+    "repeats", "optimizer", "adam_weight_decay", "num_processes", "num_machines", "datasets",
 )
 
 
@@ -139,7 +140,8 @@ def train_lora(
     # Not prepared: accelerate would step it once per process; ours counts optimizer steps.
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=steps)
-    batches = bucket_batches(samples, config.train_batch_size, config.seed, config.repeats)
+    batches = bucket_batches(samples, config.train_batch_size, config.seed, dataset_repeats(config),
+                             dataset_probability(config))
     load = dict(
         samples=samples, latent_store=ShardStore(latent_dir), embedding_dir=embedding_dir, vae_config=vae_config,
         text_width=text_width, max_length=config.tokenizer_max_length, device=on_device, dtype=dtype,

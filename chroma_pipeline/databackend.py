@@ -1,0 +1,140 @@
+"""Image datasets: SimpleTuner's dataloader file (`data_backend_config`) or the one-folder shorthand.
+
+A SimpleTuner user's `multidatabackend.json` is a list of datasets, each with its own folder
+(or Hugging Face dataset), resolution, crop, caption strategy, `repeats` and `probability`,
+plus one `dataset_type: text_embeds` entry. Each image dataset becomes an `ImageDataset`;
+a setting a dataset leaves out falls back to the main config's value, as in SimpleTuner.
+
+Samples are named `<dataset id>/<path in the dataset>`. The one-folder shorthand
+(`instance_data_dir` in the main config) is the dataset with the empty id, whose samples
+keep their plain paths, so its caches stay valid.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import json5
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+SHORTHAND_ID = ""
+
+# Dataset settings that fall back to the main config's key of the same name.
+INHERITED = ("resolution", "resolution_type", "minimum_image_size", "maximum_upscale", "crop", "crop_style",
+             "crop_aspect", "caption_strategy", "metadata_file", "metadata_file_column", "metadata_caption_column",
+             "caption_fallback", "instance_prompt", "repeats")
+
+
+class ParquetCaptions(BaseModel):
+    """SimpleTuner's `parquet` block: a table naming each image and its caption."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    path: str
+    filename_column: str = "filename"
+    caption_column: str = "caption"
+    fallback_caption_column: str | None = None
+    identifier_includes_extension: bool = False
+
+
+class ImageDataset(BaseModel):
+    """One image dataset, with SimpleTuner's key names. None means "the main config's value"."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$|^$")
+    type: Literal["local", "huggingface"] = "local"
+    instance_data_dir: str | None = None
+    # type huggingface: a dataset saved with `save_to_disk` (a folder) or a Hub id.
+    dataset_name: str | None = None
+    split: str = "train"
+    image_column: str = "image"
+    caption_column: str | list[str] = "text"
+    resolution: float | None = Field(None, gt=0)
+    resolution_type: Literal["pixel", "area", "pixel_area"] | None = None
+    minimum_image_size: float | None = Field(None, ge=0)
+    maximum_upscale: float | None = Field(None, ge=1)
+    crop: bool | None = None
+    crop_style: Literal["center", "centre", "random", "corner"] | None = None
+    crop_aspect: Literal["preserve", "square"] | None = None
+    caption_strategy: Literal["auto", "textfile", "metadata", "filename", "instanceprompt", "parquet",
+                              "huggingface"] | None = None
+    instance_prompt: str | None = None
+    parquet: ParquetCaptions | None = None
+    metadata_file: str | None = None
+    metadata_file_column: str | None = None
+    metadata_caption_column: str | None = None
+    caption_fallback: Literal["skip", "filename", "empty"] | None = None
+    repeats: int | None = Field(None, ge=0)
+    probability: float = Field(1.0, gt=0)
+
+    @field_validator("crop_style")
+    @classmethod
+    def _one_spelling(cls, value):
+        return "center" if value == "centre" else value
+
+    def setting(self, key: str, config):
+        """This dataset's value of an inherited setting, else the main config's."""
+        value = getattr(self, key)
+        return getattr(config, key) if value is None else value
+
+    @property
+    def root(self) -> Path:
+        return Path(self.instance_data_dir or self.dataset_name or ".")
+
+    def describe(self) -> str:
+        return f"dataset {self.id!r}" if self.id else "`instance_data_dir`"
+
+
+def sample_path(dataset_id: str, relative: str) -> str:
+    return f"{dataset_id}/{relative}" if dataset_id else relative
+
+
+def dataset_of(path: str, named: bool) -> tuple[str, str]:
+    """(dataset id, path inside the dataset) of a sample path; `named`: the config has named datasets."""
+    if not named:
+        return SHORTHAND_ID, path
+    dataset_id, _, relative = path.partition("/")
+    return dataset_id, relative
+
+
+class DataBackendError(ValueError):
+    pass
+
+
+def read_data_backend(path: Path) -> tuple[list[dict], list[str]]:
+    """The image dataset entries of a SimpleTuner dataloader file, and notes on what was set aside.
+
+    Disabled entries and the `text_embeds` / `image_embeds` entries are left out with a note:
+    this pipeline keys its caches by content under `output_dir`, so their cache folders are
+    not needed.
+    """
+    try:
+        entries = json5.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise DataBackendError(f"data_backend_config {path}: not valid JSON: {exc}") from None
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise DataBackendError(f"data_backend_config {path}: must be a list of dataset objects, as SimpleTuner writes it")
+    images, notes = [], []
+    for number, entry in enumerate(entries):
+        name = entry.get("id", f"entry {number}")
+        kind = entry.get("dataset_type", "image")
+        if entry.get("disabled") or entry.get("disable"):
+            notes.append(f"dataset {name!r} is disabled: skipped")
+        elif kind in ("text_embeds", "image_embeds"):
+            notes.append(f"dataset {name!r} ({kind}): no effect, caches live under output_dir, keyed by content")
+        elif kind != "image":
+            raise DataBackendError(
+                f"data_backend_config {path}: dataset {name!r} has dataset_type {kind!r}; only image datasets "
+                "(and the text_embeds / image_embeds entries, which are not needed here) are supported"
+            )
+        else:
+            if "id" not in entry:
+                raise DataBackendError(f"data_backend_config {path}: entry {number} has no `id`; give every dataset one")
+            images.append({k: v for k, v in entry.items() if k not in ("dataset_type", "disabled", "disable")})
+    ids = [e["id"] for e in images]
+    if len(set(ids)) != len(ids):
+        raise DataBackendError(f"data_backend_config {path}: dataset ids must be unique (got {ids})")
+    if not images:
+        raise DataBackendError(f"data_backend_config {path}: no enabled image dataset")
+    return images, notes
