@@ -26,5 +26,9 @@ def image_latents(
             "buckets": markdown_table(["bucket (w x h)", "images"], [[b, n] for b, n in buckets.items()]),
             "bucket histogram": image_markdown(bucket_histogram(buckets), "images per bucket"),
             "index": MetadataValue.path(str(result.path)),
+            **({"datasets": markdown_table(
+                ["dataset", "samples", "encoded now", "buckets"],
+                [[d, c["samples"], c["encoded"], ", ".join(f"{b}: {n}" for b, n in c["buckets"].items())]
+                 for d, c in result.stats["datasets"].items()])} if "datasets" in result.stats else {}),
         },
     )

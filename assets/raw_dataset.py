@@ -3,6 +3,7 @@ from collections import Counter
 
 from dagster import AssetExecutionContext, AssetKey, AssetSpec, DataVersion, MaterializeResult, MetadataValue, multi_asset
 
+from chroma_pipeline.buckets import bucket_for
 from chroma_pipeline.fingerprint import fingerprint_config_datasets
 from chroma_pipeline.raw_dataset import build_manifest
 from resources import ArtifactStore, ChromaConfigResource
@@ -68,6 +69,7 @@ def raw_dataset(context: AssetExecutionContext, chroma: ChromaConfigResource, st
             "manifest": MetadataValue.path(str(result.path)),
             "dataset": MetadataValue.path(config.instance_data_dir),
             "dataset fingerprint": fingerprint.version,
+            **(_per_dataset(config, rows) if config.named_datasets else {}),
         },
     )
     yield MaterializeResult(
@@ -82,3 +84,23 @@ def raw_dataset(context: AssetExecutionContext, chroma: ChromaConfigResource, st
             "manifest": MetadataValue.path(str(result.path)),
         },
     )
+
+
+def _per_dataset(config, rows) -> dict:
+    """With a dataloader file: each dataset's folder, counts, skip reasons and bucket table."""
+    summary, tables = [], {}
+    for dataset in config.image_datasets:
+        mine = [row for row in rows if row.dataset == dataset.id]
+        ok = [row for row in mine if row.status == "ok"]
+        reasons = Counter(row.skip_reason.split(" of ")[0] for row in mine if row.status != "ok")
+        resolution = dataset.setting("resolution", config)
+        resolution_type = dataset.setting("resolution_type", config)
+        crop_aspect = dataset.setting("crop_aspect", config)
+        buckets = Counter("{}x{}".format(*bucket_for(r.width, r.height, resolution, resolution_type, crop_aspect)) for r in ok)
+        summary.append([dataset.id, str(dataset.root), f"{resolution:g} {resolution_type}", len(ok), len(mine) - len(ok),
+                        ", ".join(f"{n} {reason}" for reason, n in reasons.items()) or "-",
+                        dataset.setting("repeats", config), f"{dataset.probability:g}"])
+        tables[f"buckets: {dataset.id}"] = markdown_table(["bucket", "images"], sorted(buckets.items()))
+    table = markdown_table(["dataset", "folder", "resolution", "samples", "skipped", "skipped by reason", "repeats",
+                            "probability"], summary)
+    return {"datasets": table, **tables}

@@ -3,6 +3,7 @@ from dagster import AssetExecutionContext, DataVersion, MaterializeResult, Metad
 from chroma_pipeline.text_embeddings import build_embeddings
 from resources import ArtifactStore, ChromaConfigResource, GPUResource
 
+from ._metadata import markdown_table
 from ._versions import load_config_for
 from .raw_dataset import CAPTIONS
 
@@ -29,5 +30,8 @@ def text_embeddings(
             "padding": config.flux_t5_padding,
             "text encoder precision": config.text_encoder_precision,
             "index": MetadataValue.path(str(result.path)),
+            **({"datasets": markdown_table(["dataset", "captions", "encoded now"],
+                                           [[d, c["captions"], c["encoded"]] for d, c in result.stats["datasets"].items()])}
+               if "datasets" in result.stats else {}),
         },
     )

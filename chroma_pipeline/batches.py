@@ -94,6 +94,14 @@ def total_steps(config: ChromaConfig, samples: list[TrainingSample], processes: 
     return config.num_train_epochs * math.ceil(batches / (config.gradient_accumulation_steps * processes))
 
 
+def samples_per_epoch(samples: list[TrainingSample], repeats: dict[str, int]) -> dict[str, int]:
+    """How many samples each dataset contributes to one epoch: its images times 1 + its repeats."""
+    counts = defaultdict(int)
+    for sample in samples:
+        counts[sample.dataset] += 1 + repeats.get(sample.dataset, 0)
+    return dict(sorted(counts.items()))
+
+
 def dataset_repeats(config: ChromaConfig) -> dict[str, int]:
     return {dataset.id: dataset.setting("repeats", config) for dataset in config.image_datasets}
 

@@ -18,6 +18,7 @@ import json5
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .databackend import SHORTHAND_ID, DataBackendError, ImageDataset, read_data_backend
+from .simpletuner import CONFIG_RULES, SimpleTunerKeyError, grouped, translate
 
 FLAVOUR_REPOS = {
     "base": "lodestones/Chroma1-Base",
@@ -27,17 +28,8 @@ FLAVOUR_REPOS = {
 FLAVOURS = (*FLAVOUR_REPOS, "tiny")
 KEEP_FULL_PRECISION = ("distilled_guidance_layer*", "x_embedder", "context_embedder", "proj_out", "norm_out*")
 
-# Keys SimpleTuner accepts that mean nothing for Chroma here; reported, never fatal.
-NO_EFFECT_KEYS = {
-    "flux_fast_schedule": "Chroma has its own tail sampling",
-    "flux_guidance_mode": "Chroma trains no guidance embedding",
-    "flow_schedule_shift": "the Chroma sigma remap replaces schedule shift",
-    "flow_schedule_auto_shift": "the Chroma sigma remap replaces schedule shift",
-}
-
-
 # Settings that joined a cache key after artifacts keyed without them existed (see settings_hash).
-ADDED_LATER = ("num_machines", "datasets", "instance_prompt")
+ADDED_LATER = ("num_machines", "datasets", "instance_prompt", "flow_schedule_shift", "grad_clip_method")
 
 
 class ConfigError(ValueError):
@@ -92,13 +84,16 @@ class ChromaConfig(BaseModel):
     # --- LoRA and optimisation ----------------------------------------------------
     network_rank: int = Field(16, ge=1)
     lora_alpha: float | None = Field(None, gt=0)
-    flux_lora_target: Literal["all", "all+ffs", "context", "context+ffs", "tiny", "nano"] | list[str] = "all"
+    flux_lora_target: Literal["all", "all+ffs", "context", "context+ffs", "tiny", "nano", "all+ffs+embedder",
+                              "tiny+embedder", "ai-toolkit"] | list[str] = "all"
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     init_lora: str | None = None  # a diffusers-format LoRA to start from (same rank and targets)
     learning_rate: float = Field(1e-4, gt=0)
     lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear"] = "constant"
     lr_warmup_steps: int = Field(0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
+    max_grad_norm: float = Field(1.0, ge=0)  # 0: no clipping
+    grad_clip_method: Literal["norm", "value"] = "norm"  # value: clip each gradient element (SimpleTuner's default)
+    flow_schedule_shift: float = Field(1.0, ge=0)  # >1 shifts sigmas toward noise before the Chroma remap; 0 = 1
     train_batch_size: int = Field(1, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_train_steps: int = Field(1000, ge=1)
@@ -125,7 +120,7 @@ class ChromaConfig(BaseModel):
     validation_seed: int | list[int] = 42
     validation_guidance_real: float = Field(1.0, ge=1.0)
     validation_num_inference_steps: int = Field(20, ge=1)
-    validation_resolution: int | None = Field(None, ge=64)
+    validation_resolution: int | None = Field(None, ge=64)  # SimpleTuner's "1024x1024" is read as 1024
     validation_steps: int | None = Field(None, ge=0)  # render the prompts while training; None: at checkpointing_steps, 0: never
 
     # --- automation ----------------------------------------------------------------
@@ -196,7 +191,7 @@ class ChromaConfig(BaseModel):
     # --- derived values --------------------------------------------------------------
     @property
     def unknown_keys(self) -> list[str]:
-        return sorted(k for k in (self.model_extra or {}) if k not in NO_EFFECT_KEYS)
+        return sorted(self.model_extra or {})
 
     @property
     def image_datasets(self) -> list[ImageDataset]:
@@ -264,16 +259,20 @@ class ChromaConfig(BaseModel):
 
 
 def read_prompt_library(path: Path) -> list[str]:
-    """SimpleTuner's prompt library: a JSON object of name -> prompt, or a plain list of prompts."""
+    """SimpleTuner's prompt library: an object of name -> prompt or name -> {"prompt": ...}; a list of prompts too."""
     if not path.is_file():
         raise ValueError(f"user_prompt_library {path} is not a file; give a JSON file of name -> prompt")
     try:
         library = json5.loads(path.read_text(encoding="utf-8"))
     except ValueError as exc:
         raise ValueError(f"user_prompt_library {path} is not valid JSON: {exc}") from None
-    prompts = list(library.values()) if isinstance(library, dict) else library
-    if not isinstance(prompts, list) or not all(isinstance(p, str) and p.strip() for p in prompts):
-        raise ValueError(f'user_prompt_library {path} must be {{"name": "prompt", ...}} or ["prompt", ...], no empty prompt')
+    entries = list(library.values()) if isinstance(library, dict) else library
+    if not isinstance(entries, list):
+        entries = [None]
+    prompts = [entry.get("prompt") if isinstance(entry, dict) else entry for entry in entries]
+    if not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise ValueError(f'user_prompt_library {path} must be {{"name": "prompt", ...}}, {{"name": {{"prompt": "..."}}}} '
+                         'or ["prompt", ...], with no empty prompt')
     return prompts
 
 
@@ -289,19 +288,23 @@ def _describe(error: dict[str, Any]) -> str:
 
 def config_from_dict(values: dict[str, Any], source: str = "config") -> ChromaConfig:
     try:
-        config = ChromaConfig(**values)
+        translated = translate(values, CONFIG_RULES, source, own_keys=set(ChromaConfig.model_fields))
+        config = ChromaConfig(**translated.values)
+    except SimpleTunerKeyError as exc:
+        raise ConfigError(str(exc)) from None
     except ValidationError as exc:
         problems = "\n  ".join(_describe(error) for error in exc.errors())
         raise ConfigError(f"{source}: invalid settings:\n  {problems}") from None
+    if translated.mapped:
+        warnings.warn(f"{source}: SimpleTuner keys read as ours: {'; '.join(translated.mapped)}", stacklevel=2)
+    if translated.no_effect:
+        warnings.warn(f"{source}: accepted, no effect here: {grouped(translated.no_effect)}", stacklevel=2)
     if config.unknown_keys:
         warnings.warn(
             f"{source}: unknown keys ignored: {', '.join(config.unknown_keys)} "
-            "(check the spelling; see README 'Config keys')",
+            "(check the spelling; see README 'Config keys' and 'Coming from SimpleTuner')",
             stacklevel=2,
         )
-    no_effect = sorted(k for k in (config.model_extra or {}) if k in NO_EFFECT_KEYS)
-    for key in no_effect:
-        warnings.warn(f"{source}: `{key}` has no effect: {NO_EFFECT_KEYS[key]}", stacklevel=2)
     return config
 
 
@@ -364,13 +367,17 @@ def datasets_from_file(path: Path, config_dir: Path) -> list[dict]:
     for note in notes:
         warnings.warn(f"{path}: {note}", stacklevel=3)
     for entry in entries:
-        for key in ("instance_data_dir",):
-            if isinstance(entry.get(key), str):
-                entry[key] = resolve_path(entry[key], config_dir)
+        if isinstance(entry.get("instance_data_dir"), str):
+            entry["instance_data_dir"] = resolve_path(entry["instance_data_dir"].rstrip("/"), config_dir)
         if entry.get("type") == "huggingface" and isinstance(entry.get("dataset_name"), str):
             local = resolve_path(entry["dataset_name"], config_dir)
             if Path(local).exists():  # a dataset saved to disk; otherwise a Hub id
                 entry["dataset_name"] = local
         if isinstance(entry.get("parquet"), dict) and isinstance(entry["parquet"].get("path"), str):
             entry["parquet"] = {**entry["parquet"], "path": resolve_path(entry["parquet"]["path"], config_dir)}
+        try:
+            ImageDataset(**entry)
+        except ValidationError as exc:
+            problems = "\n  ".join(_describe(error) for error in exc.errors())
+            raise ConfigError(f"{path}: dataset {entry.get('id')!r}: invalid settings:\n  {problems}") from None
     return entries

@@ -18,7 +18,12 @@ from typing import Literal
 import json5
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .simpletuner import DATASET_RULES, SimpleTunerKeyError, grouped, translate
+
 SHORTHAND_ID = ""
+
+# What SimpleTuner gives a dataloader entry that leaves these out (unless the main config sets them).
+ENTRY_DEFAULTS = {"crop": False, "crop_style": "random", "crop_aspect": "square"}
 
 # Dataset settings that fall back to the main config's key of the same name.
 INHERITED = ("resolution", "resolution_type", "minimum_image_size", "maximum_upscale", "crop", "crop_style",
@@ -42,24 +47,28 @@ class ImageDataset(BaseModel):
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
-    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$|^$")
+    id: str = Field(pattern=r"^[^/\\]*$")  # the first part of its samples' paths
     type: Literal["local", "huggingface"] = "local"
     instance_data_dir: str | None = None
     # type huggingface: a dataset saved with `save_to_disk` (a folder) or a Hub id.
     dataset_name: str | None = None
     split: str = "train"
+    revision: str | None = None
     image_column: str = "image"
     caption_column: str | list[str] = "text"
     resolution: float | None = Field(None, gt=0)
     resolution_type: Literal["pixel", "area", "pixel_area"] | None = None
     minimum_image_size: float | None = Field(None, ge=0)
     maximum_upscale: float | None = Field(None, ge=1)
+    minimum_aspect_ratio: float | None = Field(None, gt=0)  # width / height
+    maximum_aspect_ratio: float | None = Field(None, gt=0)
     crop: bool | None = None
     crop_style: Literal["center", "centre", "random", "corner"] | None = None
     crop_aspect: Literal["preserve", "square"] | None = None
     caption_strategy: Literal["auto", "textfile", "metadata", "filename", "instanceprompt", "parquet",
                               "huggingface"] | None = None
     instance_prompt: str | None = None
+    prepend_instance_prompt: bool = False
     parquet: ParquetCaptions | None = None
     metadata_file: str | None = None
     metadata_file_column: str | None = None
@@ -74,9 +83,16 @@ class ImageDataset(BaseModel):
         return "center" if value == "centre" else value
 
     def setting(self, key: str, config):
-        """This dataset's value of an inherited setting, else the main config's."""
+        """This dataset's value of a setting, else the one the main config sets, else SimpleTuner's
+        default for a dataloader entry (crop off, random crops, square when cropping), else ours."""
         value = getattr(self, key)
-        return getattr(config, key) if value is None else value
+        if value is not None:
+            return value
+        if self.id == SHORTHAND_ID or key in config.model_fields_set or key not in ENTRY_DEFAULTS:
+            return getattr(config, key)
+        if key == "crop_aspect" and not self.setting("crop", config):
+            return "preserve"  # without a crop, an image keeps its aspect ratio in its bucket
+        return ENTRY_DEFAULTS[key]
 
     @property
     def root(self) -> Path:
@@ -107,7 +123,7 @@ def read_data_backend(path: Path) -> tuple[list[dict], list[str]]:
 
     Disabled entries and the `text_embeds` / `image_embeds` entries are left out with a note:
     this pipeline keys its caches by content under `output_dir`, so their cache folders are
-    not needed.
+    not needed. Each entry's keys go through SimpleTuner's dataset rules (simpletuner.py).
     """
     try:
         entries = json5.loads(path.read_text(encoding="utf-8"))
@@ -115,26 +131,48 @@ def read_data_backend(path: Path) -> tuple[list[dict], list[str]]:
         raise DataBackendError(f"data_backend_config {path}: not valid JSON: {exc}") from None
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise DataBackendError(f"data_backend_config {path}: must be a list of dataset objects, as SimpleTuner writes it")
-    images, notes = [], []
+    images, notes, no_effect = [], [], {}
     for number, entry in enumerate(entries):
         name = entry.get("id", f"entry {number}")
         kind = entry.get("dataset_type", "image")
         if entry.get("disabled") or entry.get("disable"):
             notes.append(f"dataset {name!r} is disabled: skipped")
-        elif kind in ("text_embeds", "image_embeds"):
-            notes.append(f"dataset {name!r} ({kind}): no effect, caches live under output_dir, keyed by content")
-        elif kind != "image":
+            continue
+        if kind in ("text_embeds", "image_embeds"):
+            no_effect[f"{name} ({kind})"] = "caches live under output_dir, keyed by content"
+            continue
+        if kind != "image":
             raise DataBackendError(
                 f"data_backend_config {path}: dataset {name!r} has dataset_type {kind!r}; only image datasets "
-                "(and the text_embeds / image_embeds entries, which are not needed here) are supported"
+                "(and the text_embeds / image_embeds entries, which are not needed here) are read"
             )
-        else:
-            if "id" not in entry:
-                raise DataBackendError(f"data_backend_config {path}: entry {number} has no `id`; give every dataset one")
-            images.append({k: v for k, v in entry.items() if k not in ("dataset_type", "disabled", "disable")})
+        if "id" not in entry:
+            raise DataBackendError(f"data_backend_config {path}: entry {number} has no `id`; give every dataset one")
+        # SimpleTuner reads a Hugging Face dataset's keys at the top level or in a `huggingface` block.
+        nested = entry.get("huggingface") if isinstance(entry.get("huggingface"), dict) else {}
+        merged = {**{k: v for k, v in nested.items() if k in HF_KEYS}, **entry}
+        merged = {k: v for k, v in merged.items() if k not in ("dataset_type", "disabled", "disable", "huggingface")}
+        if merged.get("only_instance_prompt"):
+            merged["caption_strategy"] = "instanceprompt"
+        merged.pop("only_instance_prompt", None)
+        if merged.get("type") == "huggingface" and merged.get("caption_strategy") == "huggingface":
+            merged["caption_strategy"] = None  # the dataset's caption column: the scan's default for this type
+        try:
+            translated = translate(merged, DATASET_RULES, f"data_backend_config {path}: dataset {name!r}",
+                                   own_keys=set(ImageDataset.model_fields))
+        except SimpleTunerKeyError as exc:
+            raise DataBackendError(str(exc)) from None
+        no_effect.update({f"{name}: {key}": reason for key, reason in translated.no_effect.items()})
+        notes += [f"dataset {name!r}: {line}" for line in translated.mapped]
+        images.append(translated.values)
+    if no_effect:
+        notes.append("accepted, no effect here: " + grouped(no_effect))
     ids = [e["id"] for e in images]
     if len(set(ids)) != len(ids):
         raise DataBackendError(f"data_backend_config {path}: dataset ids must be unique (got {ids})")
     if not images:
         raise DataBackendError(f"data_backend_config {path}: no enabled image dataset")
     return images, notes
+
+
+HF_KEYS = ("dataset_name", "split", "revision", "image_column", "caption_column")

@@ -12,7 +12,6 @@ import csv
 import hashlib
 import io
 import json
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from .buckets import MEGAPIXEL, bucket_for, upscale_needed
+from .buckets import bucket_for, upscale_needed
 from .images import open_rgb
 from .storage import read_rows, sha256_file, sha256_text, write_rows_atomic
 
@@ -62,6 +61,9 @@ class ScanOptions:
     resolution: float = 1024
     crop_aspect: str = "preserve"
     maximum_upscale: float | None = None  # skip images their bucket would blow up more than this
+    minimum_aspect_ratio: float | None = None  # width / height
+    maximum_aspect_ratio: float | None = None
+    prepend_instance_prompt: bool = False  # caption = instance_prompt + " " + caption
 
 
 def decode_caption(raw: bytes, where: str) -> str:
@@ -125,15 +127,27 @@ def read_metadata_captions(path: Path, file_column: str, caption_column: str,
 
 
 def too_small(width: int, height: int, options: ScanOptions) -> bool:
-    if not options.minimum_image_size:
+    """SimpleTuner's reading of `minimum_image_size`: pixel: both sides; area: megapixels;
+    pixel_area: the area of a square of that side (a value up to 10 is already megapixels)."""
+    minimum = options.minimum_image_size
+    if not minimum:
         return False
-    if options.resolution_type == "area":
-        return width * height < options.minimum_image_size * MEGAPIXEL
-    return min(width, height) < options.minimum_image_size
+    if options.resolution_type == "pixel":
+        return min(width, height) < minimum
+    if options.resolution_type == "area" or minimum <= 10:
+        return width * height < minimum * 1_000_000
+    return width * height < minimum * minimum
+
+
+def outside_aspect_limits(width: int, height: int, options: ScanOptions) -> bool:
+    aspect = width / height
+    return bool((options.minimum_aspect_ratio and aspect < options.minimum_aspect_ratio)
+                or (options.maximum_aspect_ratio and aspect > options.maximum_aspect_ratio))
 
 
 def caption_from_filename(path: Path) -> str:
-    return re.sub(r"[_\-]+", " ", path.stem).strip()
+    """SimpleTuner's `filename` captions: the file's stem, underscores made spaces, nothing else changed."""
+    return path.stem.replace("_", " ")
 
 
 def image_row(relative: str, image: Path | bytes, original: str, source: str, options: ScanOptions,
@@ -147,6 +161,8 @@ def image_row(relative: str, image: Path | bytes, original: str, source: str, op
         return ManifestRow(relative, "skipped", "unreadable")
     if too_small(width, height, options):
         return ManifestRow(relative, "skipped", "too small")
+    if outside_aspect_limits(width, height, options):
+        return ManifestRow(relative, "skipped", "aspect ratio outside minimum/maximum_aspect_ratio")
     if options.maximum_upscale:
         bucket = bucket_for(width, height, options.resolution, options.resolution_type, options.crop_aspect)
         if upscale_needed(width, height, bucket) > options.maximum_upscale:
@@ -156,6 +172,8 @@ def image_row(relative: str, image: Path | bytes, original: str, source: str, op
         return ManifestRow(relative, "skipped", f"duplicate of {seen_hashes[image_hash]}")
     seen_hashes[image_hash] = relative
     caption = original.strip()
+    if options.prepend_instance_prompt and options.instance_prompt and source != "instanceprompt":
+        caption = f"{options.instance_prompt.strip()} {caption}".strip()
     return ManifestRow(relative, "ok", "", image_hash, width, height, caption, sha256_text(caption), original, source)
 
 

@@ -19,9 +19,17 @@ def tail_remap(sigmas: torch.Tensor) -> torch.Tensor:
     return torch.where(sigmas < 0.5, sigmas**2, 1 - (1 - sigmas) ** 2)
 
 
-def sample_sigmas(batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """SimpleTuner's `flow_schedule_shift`: s > 1 moves sigmas toward noise (s = 1, or 0, leaves them)."""
+    if shift in (0, 1):
+        return sigmas
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def sample_sigmas(batch_size: int, generator: torch.Generator | None = None, shift: float = 1.0) -> torch.Tensor:
+    """Logit-normal sigmas, shifted (if asked) and then pushed toward both tails, in SimpleTuner's order."""
     logit_normal = torch.sigmoid(torch.randn(batch_size, generator=generator))
-    return tail_remap(logit_normal)
+    return tail_remap(shift_sigmas(logit_normal, shift))
 
 
 def add_noise(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:

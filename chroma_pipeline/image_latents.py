@@ -54,9 +54,13 @@ def build_latents(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=
     write_latent_index(entries, layout.latent_index)
     buckets = Counter(f"{e.bucket_width}x{e.bucket_height}" for e in entries)
     stats.update(samples=len(entries), buckets=dict(sorted(buckets.items())))
+    encoded_keys = stats.pop("encoded_keys")
     if config.named_datasets:  # each dataset keeps its own buckets
-        by_dataset = defaultdict(Counter)
+        per_dataset = defaultdict(lambda: {"samples": 0, "encoded": 0, "buckets": Counter()})
         for row, entry in zip(rows, entries, strict=True):
-            by_dataset[row.dataset][f"{entry.bucket_width}x{entry.bucket_height}"] += 1
-        stats["buckets by dataset"] = {d: dict(sorted(c.items())) for d, c in sorted(by_dataset.items())}
+            counts = per_dataset[row.dataset]
+            counts["samples"] += 1
+            counts["encoded"] += entry.cache_key in encoded_keys
+            counts["buckets"][f"{entry.bucket_width}x{entry.bucket_height}"] += 1
+        stats["datasets"] = {d: {**c, "buckets": dict(sorted(c["buckets"].items()))} for d, c in sorted(per_dataset.items())}
     return StepResult(combine_hashes(*sorted(f"{e.path}:{e.cache_key}" for e in entries)), layout.latent_index, stats)

@@ -13,9 +13,9 @@ import hashlib
 import os
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pyarrow as pa
 import torch
@@ -166,7 +166,7 @@ def encode_dataset(
     store = ShardStore(cache_dir)
     missing = [job for key, job in jobs.items() if load_latent_entry(store, job[0], latent_channels) is None]
     if not missing:
-        return entries, {"encoded": 0, "reused": len(entries)}
+        return entries, {"encoded": 0, "reused": len(entries), "encoded_keys": set()}
 
     by_bucket: dict[tuple[int, int], list] = defaultdict(list)
     for job in missing:
@@ -191,7 +191,7 @@ def encode_dataset(
         rate = encoded / (time.perf_counter() - started)
         log(f"encoded {encoded}/{len(missing)} images, {rate:.1f} images/s, ETA {(len(missing) - encoded) / rate:.0f}s")
     store.flush()
-    return entries, {"encoded": encoded, "reused": len(entries) - encoded}
+    return entries, {"encoded": encoded, "reused": len(entries) - encoded, "encoded_keys": {job[0].cache_key for job in missing}}
 
 
 def write_latent_index(entries: list[LatentEntry], path: Path) -> None:

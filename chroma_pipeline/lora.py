@@ -33,6 +33,10 @@ def _escape(name: str) -> str:
     return name.replace(".", r"\.")
 
 
+def _with_embedder(pattern: str) -> str:
+    return pattern[:-2] + "|x_embedder)$"
+
+
 def target_modules(preset: str | list[str], num_single_layers: int) -> str:
     """A peft `target_modules` regex for a `flux_lora_target` preset, or for an explicit list of module names.
 
@@ -44,20 +48,24 @@ def target_modules(preset: str | list[str], num_single_layers: int) -> str:
         inner = [_escape(name) for name in preset if "blocks." not in name]
         parts = ([rf"(single_)?transformer_blocks\.\d+\.({'|'.join(inner)})"] if inner else []) + full
         return "^(" + "|".join(parts) + ")$"
+    # SimpleTuner's Chroma presets (helpers/models/chroma/model.py), as the modules they reach here.
     if preset == "all":
         return _pattern(IMAGE_ATTENTION + TEXT_ATTENTION, SINGLE_ATTENTION)
-    if preset == "all+ffs":
+    if preset in ("all+ffs", "ai-toolkit"):  # ai-toolkit's norm*.linear: Chroma's norms have no linear
         return _pattern(IMAGE_ATTENTION + TEXT_ATTENTION + IMAGE_FFS + TEXT_FFS, SINGLE_ATTENTION + SINGLE_FFS)
+    if preset == "all+ffs+embedder":
+        return _with_embedder(target_modules("all+ffs", num_single_layers))
     if preset == "context":
         return _pattern(TEXT_ATTENTION, ())
     if preset == "context+ffs":
         return _pattern(TEXT_ATTENTION + TEXT_FFS, ())
-    if preset in ("tiny", "nano"):
-        # A few single blocks spread over the depth (tiny) or the middle one (nano): a style
-        # adapter of a few hundred KB. Positions are relative, so the preset fits any depth.
-        fractions = (0.2, 0.35, 0.5, 0.65, 0.8) if preset == "tiny" else (0.5,)
-        indices = sorted({min(num_single_layers - 1, int(f * num_single_layers)) for f in fractions})
-        return _pattern((), SINGLE_FFS, "|".join(map(str, indices)))
+    if preset == "tiny":
+        return _pattern(IMAGE_ATTENTION + IMAGE_FFS[:1], SINGLE_ATTENTION)
+    if preset == "tiny+embedder":
+        return _with_embedder(target_modules("tiny", num_single_layers))
+    if preset == "nano":
+        # SimpleTuner's Chroma code has no `nano`: it trains its default targets, q, k, v and out.
+        return _pattern(IMAGE_ATTENTION, SINGLE_ATTENTION)
     raise ValueError(f"unknown flux_lora_target {preset!r}")
 
 
@@ -128,6 +136,7 @@ DOUBLE_PLAIN = {"attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.p
                 "ff.net.2": "img_mlp.2", "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2"}
 SINGLE_FUSED = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}
 SINGLE_PLAIN = {"proj_out": "linear2"}
+TOP_PLAIN = {"x_embedder": "img_in"}  # the `+embedder` presets
 
 
 def kohya_layout(state: dict[str, torch.Tensor], transformer, alpha: float) -> dict[str, torch.Tensor]:
@@ -171,7 +180,11 @@ def kohya_layout(state: dict[str, torch.Tensor], transformer, alpha: float) -> d
             if f"{block}.{ours}.lora_A.weight" in state:
                 emit(f"{kohya}_{bfl.replace('.', '_')}", state[f"{block}.{ours}.lora_A.weight"],
                      state[f"{block}.{ours}.lora_B.weight"], 1)
-    exported = {k for k in state if k.startswith(("transformer_blocks.", "single_transformer_blocks."))}
+    for ours, bfl in TOP_PLAIN.items():
+        if f"{ours}.lora_A.weight" in state:
+            emit(f"lora_unet_{bfl}", state[f"{ours}.lora_A.weight"], state[f"{ours}.lora_B.weight"], 1)
+    exported = {k for k in state if k.startswith(("transformer_blocks.", "single_transformer_blocks."))
+                or k.split(".")[0] in TOP_PLAIN}
     if len(exported) != len(state):
         raise ValueError(f"no kohya name for {sorted(set(state) - exported)[:3]}")
     return out

@@ -17,6 +17,7 @@ from .device import DeviceInfo
 from .grid import VALIDATION_SETTINGS, make_pipeline, progress_strip, stack
 from .latents import read_latent_index
 from .layout import Layout, StepResult
+from .lora import target_modules
 from .memory import check_fits
 from .quantized_base import base_model_key, load_base_transformer, precision_estimates, resolve_precision
 from .report import JsonValue, PathValue, image_markdown, loss_curve
@@ -75,7 +76,11 @@ def plan_adapter(config: ChromaConfig, layout: Layout, device: DeviceInfo) -> Ad
     samples, empty_key = training_samples(layout, config.named_datasets)
     pairs = sorted(f"{s.latent.cache_key}:{s.embedding_key}" for s in samples)
     start = models.weights_digest(Path(config.init_lora)) if config.init_lora else ""  # its content, not its name
-    key = combine_hashes(*pairs, empty_key, base_model_key(config, layout, device), start,
+    # The modules the preset reaches, not only its name: a preset that changed meaning retrains.
+    model_dir = models.resolve_model_dir(config, layout.models_dir)
+    single_layers = json.loads((model_dir / "transformer" / "config.json").read_text())["num_single_layers"]
+    targets = target_modules(config.flux_lora_target, single_layers)
+    key = combine_hashes(*pairs, empty_key, base_model_key(config, layout, device), start, targets,
                          config.settings_hash(*training.TRAINING_SETTINGS))
     return AdapterPlan(key, layout.adapter_dir(key), samples, empty_key)
 
@@ -181,6 +186,8 @@ def adapter_report(result: StepResult) -> dict:
         report["resumed from step"] = stats["resumed_from"] or 0
     if not stats["reused"] and "peak_memory_bytes" in stats:
         report["peak memory GiB"] = round(stats["peak_memory_bytes"] / 2**30, 3)
+    if stats.get("samples_per_epoch"):
+        report["samples per epoch"] = JsonValue({d or "instance_data_dir": n for d, n in stats["samples_per_epoch"].items()})
     if "processes" in stats:
         report["training processes"] = stats["processes"]
         report["samples per rank"] = JsonValue(stats["samples_per_rank"])

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
 from .config import ChromaConfig
 from .databackend import ImageDataset, sample_path
-from .sources import scan_huggingface
 from .dataset import ManifestRow, ScanOptions, scan_dataset, usable, write_manifest
 from .layout import Layout, StepResult
+from .sources import scan_huggingface
 from .storage import combine_hashes
 
 # output_dir belongs to every step: pointing it elsewhere leaves all artifacts to be made again.
@@ -46,6 +45,8 @@ def scan_options(config: ChromaConfig, dataset: ImageDataset) -> ScanOptions:
         resolution_type=dataset.setting("resolution_type", config), alpha_background=config.alpha_background,
         resolution=dataset.setting("resolution", config), crop_aspect=dataset.setting("crop_aspect", config),
         maximum_upscale=dataset.setting("maximum_upscale", config),
+        minimum_aspect_ratio=dataset.minimum_aspect_ratio, maximum_aspect_ratio=dataset.maximum_aspect_ratio,
+        prepend_instance_prompt=dataset.prepend_instance_prompt,
     )
 
 

@@ -140,7 +140,7 @@ def encode_texts(
     bytes_unpruned = len(distinct) * (max_length * width * itemsize + max_length)
     stats = {
         "encoded": len(missing), "reused": len(distinct) - len(missing),
-        "bytes_on_disk": bytes_on_disk, "bytes_unpruned": bytes_unpruned,
+        "bytes_on_disk": bytes_on_disk, "bytes_unpruned": bytes_unpruned, "encoded_keys": {key for key, _ in missing},
     }
     return list(entries.values()), stats
 

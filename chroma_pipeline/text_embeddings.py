@@ -7,6 +7,7 @@ loaded only when a text is new.
 from __future__ import annotations
 
 import gc
+from collections import defaultdict
 
 from . import models
 from .config import ChromaConfig
@@ -60,6 +61,14 @@ def build_embeddings(config: ChromaConfig, layout: Layout, device: DeviceInfo, l
     write_embedding_index(entries, layout.embedding_index)
     current = {e.cache_key for e in entries}
     stats.update(distinct_texts=len(current), dropped=len(previous - current))
+    encoded_keys = stats.pop("encoded_keys")
+    if config.named_datasets:
+        per_dataset = defaultdict(lambda: {"captions": 0, "encoded": 0})
+        keys = {e.path: e.cache_key for e in entries if e.role == "caption"}
+        for row in rows:
+            per_dataset[row.dataset]["captions"] += 1
+            per_dataset[row.dataset]["encoded"] += keys[row.path] in encoded_keys
+        stats["datasets"] = dict(sorted(per_dataset.items()))
     return StepResult(embeddings_version(entries), layout.embedding_index, stats)
 
 

@@ -19,8 +19,16 @@ from accelerate.utils import gather_object
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .batches import (TrainingSample, batch_generator, bucket_batches, dataset_probability, dataset_repeats,
-                      load_batch, total_steps)
+from .batches import (
+    TrainingSample,
+    batch_generator,
+    bucket_batches,
+    dataset_probability,
+    dataset_repeats,
+    load_batch,
+    samples_per_epoch,
+    total_steps,
+)
 from .checkpoints import newest_usable, restore_checkpoint, save_checkpoint
 from .config import ChromaConfig
 from .device import DeviceInfo
@@ -35,9 +43,9 @@ from .text import load_embedding
 # The settings that decide what training produces (and so the adapter's key).
 TRAINING_SETTINGS = (
     "network_rank", "lora_alpha", "flux_lora_target", "learning_rate", "lr_scheduler", "lr_warmup_steps",
-    "max_grad_norm", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "mixed_precision",
-    "seed", "caption_dropout_probability", "validation_loss_share", "lora_dropout", "init_lora", "num_train_epochs",
-    "repeats", "optimizer", "adam_weight_decay", "num_processes", "num_machines", "datasets",
+    "max_grad_norm", "grad_clip_method", "flow_schedule_shift", "train_batch_size", "gradient_accumulation_steps",
+    "max_train_steps", "mixed_precision", "seed", "caption_dropout_probability", "validation_loss_share", "lora_dropout",
+    "init_lora", "num_train_epochs", "repeats", "optimizer", "adam_weight_decay", "num_processes", "num_machines", "datasets",
 )
 
 
@@ -137,6 +145,8 @@ def train_lora(
     if held:
         log(f"{len(held)} of {len(samples) + len(held)} samples held out for the validation loss")
     steps = total_steps(config, samples, world)
+    per_epoch = samples_per_epoch(samples, dataset_repeats(config))
+    log("samples per epoch (with repeats): " + ", ".join(f"{d or 'dataset'} {n}" for d, n in per_epoch.items()))
     # Not prepared: accelerate would step it once per process; ours counts optimizer steps.
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=steps)
@@ -188,7 +198,7 @@ def train_lora(
 
                 latents = pack_latents(x0)
                 noise = torch.randn(latents.shape, generator=generator).to(on_device)
-                sigmas = sample_sigmas(latents.shape[0], generator).to(on_device)
+                sigmas = sample_sigmas(latents.shape[0], generator, config.flow_schedule_shift).to(on_device)
                 noisy = add_noise(latents, noise, sigmas)
                 target = flow_target(latents, noise)
                 image_ids = image_position_ids(x0.shape[2], x0.shape[3])
@@ -198,8 +208,11 @@ def train_lora(
                     velocity = predict_velocity(model, noisy.to(dtype), sigmas, prompt_embeds, text_mask, image_ids)
                     loss = F.mse_loss(velocity.float(), target.float())
                     accelerator.backward(loss)  # divides by gradient_accumulation_steps
-                    if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+                    if accelerator.sync_gradients and config.max_grad_norm > 0:
+                        if config.grad_clip_method == "value":  # SimpleTuner's default: each element in ±max
+                            accelerator.clip_grad_value_(trainable, config.max_grad_norm)
+                        else:
+                            accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 step_loss += loss.detach() / config.gradient_accumulation_steps
@@ -257,7 +270,8 @@ def train_lora(
     output_dir = Path(output_dir)
     seconds = time.perf_counter() - started
     summary = {"steps": steps, "seconds": round(seconds, 2), "trainable_parameters": sum(p.numel() for p in trainable),
-               "resumed_from": resumed_from, "processes": world, "samples_per_rank": gather_object([seen])}
+               "resumed_from": resumed_from, "processes": world, "samples_per_rank": gather_object([seen]),
+               "samples_per_epoch": per_epoch}
     if accelerator.is_main_process:
         with atomic_dir(output_dir) as staging:
             save_adapter(transformer, staging)
