@@ -14,11 +14,11 @@ import warnings
 from pathlib import Path
 from typing import Any, Literal
 
-import json5
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .databackend import SHORTHAND_ID, DataBackendError, ImageDataset, read_data_backend
 from .simpletuner import CONFIG_RULES, SimpleTunerKeyError, grouped, translate
+from .storage import parse_jsonc
 
 FLAVOUR_REPOS = {
     "base": "lodestones/Chroma1-Base",
@@ -263,7 +263,7 @@ def read_prompt_library(path: Path) -> list[str]:
     if not path.is_file():
         raise ValueError(f"user_prompt_library {path} is not a file; give a JSON file of name -> prompt")
     try:
-        library = json5.loads(path.read_text(encoding="utf-8"))
+        library = parse_jsonc(path.read_text(encoding="utf-8"))
     except ValueError as exc:
         raise ValueError(f"user_prompt_library {path} is not valid JSON: {exc}") from None
     entries = list(library.values()) if isinstance(library, dict) else library
@@ -314,7 +314,7 @@ def load_config(path: str | Path, **overrides: Any) -> ChromaConfig:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path} (run `chroma-demo` for an example, or set CHROMA_CONFIG)")
     try:
-        values = json5.loads(path.read_text(encoding="utf-8"))
+        values = parse_jsonc(path.read_text(encoding="utf-8"))
     except ValueError as exc:
         raise ConfigError(f"{path}: not valid JSON (comments are allowed): {exc}") from None
     if not isinstance(values, dict):

@@ -15,10 +15,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import json5
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .simpletuner import DATASET_RULES, SimpleTunerKeyError, grouped, translate
+from .storage import parse_jsonc
 
 SHORTHAND_ID = ""
 
@@ -126,7 +126,7 @@ def read_data_backend(path: Path) -> tuple[list[dict], list[str]]:
     not needed. Each entry's keys go through SimpleTuner's dataset rules (simpletuner.py).
     """
     try:
-        entries = json5.loads(path.read_text(encoding="utf-8"))
+        entries = parse_jsonc(path.read_text(encoding="utf-8"))
     except ValueError as exc:
         raise DataBackendError(f"data_backend_config {path}: not valid JSON: {exc}") from None
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):

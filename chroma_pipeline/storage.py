@@ -111,3 +111,23 @@ def sha256_text(text: str) -> str:
 def combine_hashes(*parts: str) -> str:
     """One short hash naming a set of inputs; order matters, so callers pass sorted lists."""
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
+
+
+def parse_jsonc(text: str):
+    """JSON with comments and trailing commas (json5), with escaped surrogate pairs joined.
+
+    Python's json.dump writes an emoji as "\\ud83d\\udfeb"; json5 keeps those as two lone
+    surrogates, which no encoder accepts later. Join them into the character they mean.
+    """
+    import json5
+
+    def join(value):
+        if isinstance(value, str):
+            return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        if isinstance(value, list):
+            return [join(item) for item in value]
+        if isinstance(value, dict):
+            return {join(key): join(item) for key, item in value.items()}
+        return value
+
+    return join(json5.loads(text))
