@@ -50,6 +50,7 @@ GROUP = {"int4-quanto": (128, 4), "int2-quanto": (128, 4), "nf4-bnb": (64, 1)}  
 # From most to least precise; `auto` takes the first that fits.
 AUTO_ORDER = ("no_change", "int8-quanto", "int4-quanto", "int2-quanto")
 OVERHEAD = 1.5 * 2**30  # CUDA context, allocator slack, python + torch on the host
+AUTO_SHARE = 0.9  # `auto` fills at most this share of free memory: room for fragmentation and the VAE during renders
 
 
 @dataclass(frozen=True)
@@ -135,11 +136,11 @@ def choose_precision(requested: str, estimates: dict[str, Estimate], device_kind
     """The precision to quantize to, and a sentence saying why. `auto` takes the most precise that fits."""
     if requested != "auto":
         return requested, f"base_model_precision is {requested!r}"
-    budget = int(device_free * 0.9)  # leave room for fragmentation and the VAE during validation renders
+    budget = int(device_free * AUTO_SHARE)
     for precision in AUTO_ORDER:
         if estimates[precision].training_device <= budget:
             return precision, (
-                f"auto: {precision} is the most precise option whose training footprint fits in 90% of the "
+                f"auto: {precision} is the most precise option whose training footprint fits in {AUTO_SHARE:.0%} of the "
                 f"{device_free / 2**30:.1f} GiB free on {device_kind} ({estimates[precision].describe()})"
             )
     smallest = estimates[AUTO_ORDER[-1]]

@@ -27,6 +27,11 @@ SETTINGS = ("output_dir", *models.MODEL_SETTINGS, "base_model_precision", "base_
 def precision_estimates(config: ChromaConfig, model_dir: Path, device: DeviceInfo) -> dict[str, Estimate]:
     """Training and quantizing memory at every precision `auto` may pick, and the configured one."""
     transformer_config = json.loads((model_dir / "transformer" / "config.json").read_text())
+    return estimates_for(config, transformer_config, device)
+
+
+def estimates_for(config: ChromaConfig, transformer_config: dict, device: DeviceInfo) -> dict[str, Estimate]:
+    """`precision_estimates` from a transformer config alone: no model on disk needed (`configure` uses it)."""
     kept_bytes = torch.finfo(device.compute_dtype(config.mixed_precision)).bits // 8
     candidates = {*AUTO_ORDER, config.base_model_precision} - {"auto"}
     return {
