@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .databackend import SHORTHAND_ID, DataBackendError, ImageDataset, read_data_backend
+from .databackend import SHORTHAND_ID, DataBackendError, ImageDataset, describe_error, read_data_backend
 from .simpletuner import CONFIG_RULES, SimpleTunerKeyError, grouped, translate
 from .storage import parse_jsonc
 
@@ -276,16 +276,6 @@ def read_prompt_library(path: Path) -> list[str]:
     return prompts
 
 
-def _describe(error: dict[str, Any]) -> str:
-    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
-    value = error.get("input")
-    message = error["msg"].removeprefix("Value error, ")
-    if error["type"] == "literal_error":
-        allowed = error["ctx"]["expected"]
-        return f"`{key}` = {value!r} is not allowed; allowed values: {allowed}"
-    return f"`{key}` = {value!r}: {message}"
-
-
 def config_from_dict(values: dict[str, Any], source: str = "config") -> ChromaConfig:
     try:
         translated = translate(values, CONFIG_RULES, source, own_keys=set(ChromaConfig.model_fields))
@@ -293,7 +283,7 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> ChromaCo
     except SimpleTunerKeyError as exc:
         raise ConfigError(str(exc)) from None
     except ValidationError as exc:
-        problems = "\n  ".join(_describe(error) for error in exc.errors())
+        problems = "\n  ".join(describe_error(error) for error in exc.errors())
         raise ConfigError(f"{source}: invalid settings:\n  {problems}") from None
     if translated.mapped:
         warnings.warn(f"{source}: SimpleTuner keys read as ours: {'; '.join(translated.mapped)}", stacklevel=2)
@@ -375,9 +365,4 @@ def datasets_from_file(path: Path, config_dir: Path) -> list[dict]:
                 entry["dataset_name"] = local
         if isinstance(entry.get("parquet"), dict) and isinstance(entry["parquet"].get("path"), str):
             entry["parquet"] = {**entry["parquet"], "path": resolve_path(entry["parquet"]["path"], config_dir)}
-        try:
-            ImageDataset(**entry)
-        except ValidationError as exc:
-            problems = "\n  ".join(_describe(error) for error in exc.errors())
-            raise ConfigError(f"{path}: dataset {entry.get('id')!r}: invalid settings:\n  {problems}") from None
     return entries

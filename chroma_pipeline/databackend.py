@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .simpletuner import DATASET_RULES, SimpleTunerKeyError, grouped, translate
 from .storage import parse_jsonc
@@ -162,6 +162,11 @@ def read_data_backend(path: Path) -> tuple[list[dict], list[str]]:
                                    own_keys=set(ImageDataset.model_fields))
         except SimpleTunerKeyError as exc:
             raise DataBackendError(str(exc)) from None
+        try:
+            ImageDataset(**translated.values)
+        except ValidationError as exc:
+            problems = "; ".join(describe_error(error) for error in exc.errors())
+            raise DataBackendError(f"data_backend_config {path}: dataset {name!r}: {problems}") from None
         no_effect.update({f"{name}: {key}": reason for key, reason in translated.no_effect.items()})
         notes += [f"dataset {name!r}: {line}" for line in translated.mapped]
         images.append(translated.values)
@@ -173,6 +178,14 @@ def read_data_backend(path: Path) -> tuple[list[dict], list[str]]:
     if not images:
         raise DataBackendError(f"data_backend_config {path}: no enabled image dataset")
     return images, notes
+
+
+def describe_error(error: dict) -> str:
+    """One pydantic error as "`key` = value: what is allowed"."""
+    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    if error["type"] == "literal_error":
+        return f"`{key}` = {error.get('input')!r} is not allowed; allowed values: {error['ctx']['expected']}"
+    return f"`{key}` = {error.get('input')!r}: {error['msg'].removeprefix('Value error, ')}"
 
 
 HF_KEYS = ("dataset_name", "split", "revision", "image_column", "caption_column")
