@@ -210,7 +210,7 @@ def test_simpletuners_chroma_example_trains_through_dagster(tmp_path, tiny_chrom
     assert json.loads(json.dumps(adapter["samples per epoch"])) == {"small": 6 * 3, "large": 4}  # repeats 2: 3 times
     assert adapter["steps"] == 100  # num_train_epochs 0: max_train_steps
     assert adapter_rank_and_alpha(Path(adapter["adapter"])) == (16, 16.0)
-    assert Path(metadata("validation_grid")["grid"]).is_file()
+    assert Path(metadata("validation_grid")["grid path"]).is_file()
 
 
 @pytest.mark.slow
