@@ -50,7 +50,7 @@ def only(allowed: tuple, note: str, advice: str) -> Rule:
     """Honoured for the values that are what this pipeline does; others refused with `advice`."""
     def check(value):
         if value not in allowed:
-            raise SimpleTunerKeyError(f"{value!r} is not supported here: {advice}")
+            raise SimpleTunerKeyError(f"not supported here: {advice}")
         return value
     return Rule(HONOURED, note, ours="", convert=check)
 
@@ -76,7 +76,7 @@ OPTIMIZERS = {
 def optimizer_name(value: str) -> str:
     if value not in OPTIMIZERS:
         raise SimpleTunerKeyError(
-            f"{value!r} has no counterpart here; use `adamw` (or adamw_bf16, torch-adamw, optimi-adamw: all train "
+            "no counterpart here; use `adamw` (or adamw_bf16, torch-adamw, optimi-adamw: all train "
             "as torch AdamW), `adamw8bit` (bnb-adamw8bit, ao-adamw8bit) or `adafactor` (torch-adafactor)"
         )
     return OPTIMIZERS[value]
@@ -88,14 +88,14 @@ def validation_size(value) -> int | None:
         return 1024 if value == 1 else value
     text = str(value).strip().lower()
     if "," in text:
-        raise SimpleTunerKeyError(f"{value!r}: one size only here (the grid renders every prompt at one size)")
+        raise SimpleTunerKeyError("one size only here (the grid renders every prompt at one size)")
     width, _, height = text.partition("x")
     try:
         width_px, height_px = int(float(width)), int(float(height or width))
     except ValueError:
-        raise SimpleTunerKeyError(f"{value!r}: give a size in pixels, e.g. 1024 or \"1024x1024\"") from None
+        raise SimpleTunerKeyError("give a size in pixels, e.g. 1024 or \"1024x1024\"") from None
     if width_px != height_px:
-        raise SimpleTunerKeyError(f"{value!r}: the grid renders square images; give one side, e.g. {max(width_px, height_px)}")
+        raise SimpleTunerKeyError(f"the grid renders square images; give one side, e.g. {max(width_px, height_px)}")
     return 1024 if width_px == 1 else width_px
 
 
@@ -104,12 +104,12 @@ def lora_targets(value):
     if isinstance(value, str) and value.strip().endswith(".json"):
         path = Path(value).expanduser()
         if not path.is_file():
-            raise SimpleTunerKeyError(f"{value!r} is not a file; give a JSON list of module names or its file")
+            raise SimpleTunerKeyError("not a file; give a JSON list of module names or its file")
         value = json.loads(path.read_text(encoding="utf-8"))
     if isinstance(value, str):
         value = json.loads(value) if value.strip().startswith("[") else [value]
     if not isinstance(value, list) or not all(isinstance(name, str) for name in value):
-        raise SimpleTunerKeyError(f"{value!r}: give a JSON list of module names, e.g. [\"to_q\", \"to_v\"]")
+        raise SimpleTunerKeyError("give a JSON list of module names, e.g. [\"to_q\", \"to_v\"]")
     return [name for name in value if name.strip()]
 
 
@@ -119,7 +119,7 @@ def lr_scheduler(value: str) -> str:
 
 def quantize_on_cpu(value: str) -> bool:
     if value not in ("cpu", "accelerator", "pipeline"):
-        raise SimpleTunerKeyError(f"{value!r}: use 'cpu' (quantize on the CPU) or 'accelerator'")
+        raise SimpleTunerKeyError("use 'cpu' (quantize on the CPU) or 'accelerator'")
     return value == "cpu"
 
 
@@ -308,20 +308,20 @@ CONFIG_RULES: dict[str, Rule] = {
 # --- multidatabackend.json entries -------------------------------------------------------
 def dataset_type(value: str) -> str:
     if value not in ("local", "huggingface"):
-        raise SimpleTunerKeyError(f"{value!r} datasets are not read here; copy the images to a local folder "
+        raise SimpleTunerKeyError("these datasets are not read here; copy the images to a local folder "
                                   "(type 'local') or use a Hugging Face dataset (type 'huggingface')")
     return value
 
 
 def crop_style(value: str) -> str:
     if value == "face":
-        raise SimpleTunerKeyError("'face' crops are not offered; use center, random or corner")
+        raise SimpleTunerKeyError("face crops are not offered; use center, random or corner")
     return value
 
 
 def crop_aspect(value: str) -> str:
     if value in ("closest", "random"):
-        raise SimpleTunerKeyError(f"{value!r} needs crop_aspect_buckets, not offered; use 'square' or 'preserve'")
+        raise SimpleTunerKeyError("needs crop_aspect_buckets, not offered; use 'square' or 'preserve'")
     return value
 
 
@@ -418,7 +418,7 @@ def translate(values: dict, rules: dict[str, Rule], where: str, own_keys: set[st
         try:
             converted = rule.convert(value) if rule.convert else value
         except SimpleTunerKeyError as exc:
-            raise SimpleTunerKeyError(f"{where}: `{key}`: {exc}") from None
+            raise SimpleTunerKeyError(f"{where}: `{key}` = {value!r}: {exc}") from None
         target = key if rule.ours is None else rule.ours
         if target == "":
             continue  # the value is what this pipeline does anyway

@@ -252,3 +252,14 @@ def test_the_quickstart_snippet_with_a_dataloader_file_needs_no_other_key(tmp_pa
         warnings.simplefilter("error")
         config = load_config(tmp_path / "config.json")
     assert [d.id for d in config.image_datasets] == ["photos"] and config.network_rank == 16
+
+
+def test_a_config_json_with_flag_style_keys_and_a_trailing_comma_loads(tmp_path):
+    text = (EXAMPLES / "chroma.peft-lora.config.json").read_text().replace('"lora_rank"', '"--lora_rank"')
+    text = text.replace('"validation_steps": 50\n}', '"validation_steps": 50,\n}')
+    text = text.replace('"config/examples/multidatabackend-small-dreambooth-512px.json"', "null")
+    assert '"--lora_rank"' in text and '50,\n}' in text
+    (tmp_path / "config.json").write_text(text)
+    with pytest.warns(UserWarning):
+        config = load_config(tmp_path / "config.json")
+    assert config.network_rank == 16 and config.validation_steps == 50
