@@ -230,11 +230,17 @@ class ChromaConfig(BaseModel):
 
     @property
     def validation_size(self) -> int:
+        """`validation_resolution`, else the side of the largest dataset's resolution."""
         if self.validation_resolution:
             return self.validation_resolution
-        if self.resolution_type == "area":
-            return max(64, round((self.resolution**0.5) * 1024 / 64) * 64)
-        return int(self.resolution)
+
+        def side(dataset: ImageDataset) -> int:
+            resolution = dataset.setting("resolution", self)
+            if dataset.setting("resolution_type", self) == "area":
+                return max(64, round((resolution**0.5) * 1024 / 64) * 64)
+            return int(resolution)
+
+        return max(side(dataset) for dataset in self.image_datasets)
 
     @property
     def model_source(self) -> str:

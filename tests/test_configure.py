@@ -274,6 +274,9 @@ def test_multidatabackend_mode_writes_simpletuners_dataloader_file(project):
                       "repeats": 0, "crop": False, "cache_dir_vae": "cache/vae/{model_family}/dataset"}
     assert text == {"id": "text-embeds", "dataset_type": "text_embeds", "default": True, "type": "local",
                     "cache_dir": "cache/text/{model_family}"}
+    loaded = load_config(project / "config.jsonc")  # read as the pipeline reads it
+    assert [(d.id, d.root, d.setting("resolution", loaded)) for d in loaded.image_datasets] == [
+        ("dataset", project / "dataset", 512)]
 
 
 def test_an_existing_multidatabackend_file_is_kept_too(project, capsys):

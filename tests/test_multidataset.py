@@ -185,3 +185,11 @@ def test_an_edit_in_one_dataset_re_encodes_only_there(tmp_path, tiny_model_dir):
     latents, texts = rebuild()
     assert {d: c["encoded"] for d, c in latents.stats["datasets"].items()} == {"a": 0, "b": 1}
     assert {d: c["encoded"] for d, c in texts.stats["datasets"].items()} == {"a": 1, "b": 0}
+
+
+def test_the_grid_renders_at_the_largest_datasets_resolution_unless_told(tmp_path):
+    (tmp_path / "data").mkdir()
+    config = load_config(write_backend(tmp_path, [{"id": "a", "instance_data_dir": "data", "resolution": 512},
+                                                  {"id": "b", "instance_data_dir": "data", "resolution": 768}]))
+    assert config.validation_size == 768
+    assert config.model_copy(update={"validation_resolution": 256}).validation_size == 256

@@ -263,3 +263,29 @@ def test_a_config_json_with_flag_style_keys_and_a_trailing_comma_loads(tmp_path)
     with pytest.warns(UserWarning):
         config = load_config(tmp_path / "config.json")
     assert config.network_rank == 16 and config.validation_steps == 50
+
+
+@pytest.mark.slow
+def test_the_quickstarts_snippet_trains_with_a_dataloader_file(tmp_path, tiny_chroma):
+    """The quickstart's config as written, plus the two keys that point at the user's files."""
+    simpletuner_tree(tmp_path, tiny_chroma)
+    (tmp_path / "config" / "quickstart.jsonc").write_text(f"""\
+{{
+  "model_type": "lora",
+  "model_family": "chroma",
+  "model_flavour": "base",
+  "output_dir": "quickstart-output",
+  "network_rank": 16,
+  "learning_rate": 2.0e-4,
+  "mixed_precision": "bf16",
+  "gradient_checkpointing": true,
+  "pretrained_model_name_or_path": "{tiny_chroma}",
+  "data_backend_config": "config/multidatabackend.json"
+}}
+""")
+    run = subprocess.run([sys.executable, "-m", "chroma_pipeline.train", "--config", "config/quickstart.jsonc",
+                          "--device", "cpu"], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    weights = next((tmp_path / "config" / "quickstart-output").rglob("lora/*/pytorch_lora_weights.safetensors"))
+    assert adapter_rank_and_alpha(weights) == (16, 16.0)
+    assert "samples per epoch (with repeats): large 4, small 18" in run.stdout
