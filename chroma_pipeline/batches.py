@@ -106,8 +106,15 @@ def dataset_repeats(config: ChromaConfig) -> dict[str, int]:
     return {dataset.id: dataset.setting("repeats", config) for dataset in config.image_datasets}
 
 
-def dataset_probability(config: ChromaConfig) -> dict[str, float]:
-    return {dataset.id: dataset.probability for dataset in config.image_datasets}
+def dataset_probability(config: ChromaConfig, samples: list[TrainingSample]) -> dict[str, float]:
+    """Each dataset's weight in choosing the next batch: its `probability`, times its share of the
+    samples under `data_backend_sampling: auto-weighting` (SimpleTuner's two modes)."""
+    sizes = defaultdict(int)
+    for sample in samples:
+        sizes[sample.dataset] += 1
+    return {dataset.id: dataset.probability * (sizes[dataset.id] / len(samples)
+                                               if config.data_backend_sampling == "auto-weighting" else 1.0)
+            for dataset in config.image_datasets}
 
 
 def load_batch(batch, samples, latent_store, embedding_dir, vae_config, text_width, max_length, device, dtype, generator):

@@ -16,7 +16,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .databackend import SHORTHAND_ID, DataBackendError, ImageDataset, describe_error, read_data_backend
+from .databackend import (
+    FRAMING_KEYS,
+    MIX_KEYS,
+    SCAN_KEYS,
+    SHORTHAND_ID,
+    DataBackendError,
+    ImageDataset,
+    describe_error,
+    read_data_backend,
+)
 from .simpletuner import CONFIG_RULES, SimpleTunerKeyError, grouped, translate
 from .storage import parse_jsonc
 
@@ -29,7 +38,8 @@ FLAVOURS = (*FLAVOUR_REPOS, "tiny")
 KEEP_FULL_PRECISION = ("distilled_guidance_layer*", "x_embedder", "context_embedder", "proj_out", "norm_out*")
 
 # Settings that joined a cache key after artifacts keyed without them existed (see settings_hash).
-ADDED_LATER = ("num_machines", "datasets", "instance_prompt", "flow_schedule_shift", "grad_clip_method")
+ADDED_LATER = ("num_machines", "instance_prompt", "prepend_instance_prompt", "flow_schedule_shift", "grad_clip_method",
+               "dataset_scan", "dataset_framing", "dataset_mix", "data_backend_sampling")
 
 
 class ConfigError(ValueError):
@@ -61,6 +71,7 @@ class ChromaConfig(BaseModel):
     # auto: metadata.* if present, else .txt; filename: the file name; instanceprompt: `instance_prompt` for all
     caption_strategy: Literal["auto", "textfile", "metadata", "filename", "instanceprompt"] = "auto"
     instance_prompt: str | None = None
+    prepend_instance_prompt: bool = False  # captions become `instance_prompt + " " + caption`
     metadata_file: str | None = None
     metadata_file_column: str = "file_name"
     metadata_caption_column: str = "text"
@@ -100,6 +111,7 @@ class ChromaConfig(BaseModel):
     num_train_epochs: int | None = Field(None, ge=0)  # when set, replaces max_train_steps; 0 = unset (SimpleTuner)
     repeats: int = Field(0, ge=0)  # extra times each image is seen per epoch (SimpleTuner's meaning: 0 = once)
     optimizer: Literal["adamw", "adamw8bit", "adafactor"] = "adamw"
+    data_backend_sampling: Literal["uniform", "auto-weighting"] = "uniform"  # auto: probability x dataset size
     num_processes: int = Field(1, ge=1)  # per machine; >1: lora_adapter launches `accelerate launch` (DDP, one GPU each)
     num_machines: int = Field(1, ge=1)  # >1: accelerate's multi-machine launch; this machine is `machine_rank`
     machine_rank: int = Field(0, ge=0)  # the Dagster machine is usually 0; others run `python -m chroma_pipeline.launch`
@@ -152,6 +164,18 @@ class ChromaConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _dataset_resolutions_match_their_type(self):
+        for dataset in self.datasets:
+            resolution, kind = dataset.setting("resolution", self), dataset.setting("resolution_type", self)
+            if kind == "area" and resolution > 16:
+                raise ValueError(f"dataset {dataset.id!r}: `resolution` = {resolution:g} with resolution_type 'area' "
+                                 "means megapixels; use e.g. 1.0 (about 1024x1024)")
+            if kind != "area" and (resolution % 64 or resolution < 64):
+                raise ValueError(f"dataset {dataset.id!r}: `resolution` = {resolution:g} must be a multiple of 64 "
+                                 f"pixels for resolution_type {kind!r} (try {max(64, round(resolution / 64) * 64)})")
+        return self
+
+    @model_validator(mode="after")
     def _machine_rank_in_range(self):
         if self.machine_rank >= self.num_machines:
             raise ValueError(
@@ -201,6 +225,23 @@ class ChromaConfig(BaseModel):
     @property
     def named_datasets(self) -> bool:
         return bool(self.datasets)
+
+    # Per dataset, the settings one step reads, as used (None for the one-folder shorthand, whose
+    # settings are the main keys). Steps list these in their SETTINGS like any other setting.
+    @property
+    def dataset_scan(self) -> dict | None:
+        return self._per_dataset(SCAN_KEYS)
+
+    @property
+    def dataset_framing(self) -> dict | None:
+        return self._per_dataset(FRAMING_KEYS)
+
+    @property
+    def dataset_mix(self) -> dict | None:
+        return self._per_dataset(MIX_KEYS)
+
+    def _per_dataset(self, keys: tuple[str, ...]) -> dict | None:
+        return {d.id: d.settings(keys, self) for d in self.datasets} if self.datasets else None
 
     @property
     def lora_alpha_value(self) -> float:
@@ -255,12 +296,10 @@ class ChromaConfig(BaseModel):
         A setting added after keys were first made (`ADDED_LATER`) counts only when it differs
         from its default: adding one must not retrain or re-encode what users already have.
         """
-        values = {key: getattr(self, key) for key in sorted(keys)
-                  if key not in ADDED_LATER or getattr(self, key) != type(self).model_fields[key].default}
-        if "datasets" in values:
-            # Only what the pipeline reads: a no-effect key like `cache_dir_vae` must not invalidate caches.
-            values["datasets"] = [{k: v for k, v in d.model_dump(exclude_none=True).items() if k in ImageDataset.model_fields}
-                                  for d in self.datasets]
+        fields = type(self).model_fields
+        values = {key: getattr(self, key) for key in sorted(keys)}
+        values = {key: value for key, value in values.items()
+                  if key not in ADDED_LATER or value != (fields[key].default if key in fields else None)}
         return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -23,12 +23,20 @@ from .storage import parse_jsonc
 SHORTHAND_ID = ""
 
 # What SimpleTuner gives a dataloader entry that leaves these out (unless the main config sets them).
-ENTRY_DEFAULTS = {"crop": False, "crop_style": "random", "crop_aspect": "square"}
+ENTRY_DEFAULTS = {"crop": False, "crop_style": "random", "crop_aspect": "square", "caption_strategy": "filename"}
+
+# The dataset settings each step reads, so that a change re-runs exactly the steps that read it.
+SCAN_KEYS = ("type", "instance_data_dir", "dataset_name", "split", "revision", "image_column", "caption_column",
+             "resolution", "resolution_type", "minimum_image_size", "maximum_upscale", "minimum_aspect_ratio",
+             "maximum_aspect_ratio", "crop_aspect", "caption_strategy", "instance_prompt", "prepend_instance_prompt",
+             "parquet", "metadata_file", "metadata_file_column", "metadata_caption_column", "caption_fallback")
+FRAMING_KEYS = ("resolution", "resolution_type", "crop", "crop_style", "crop_aspect")
+MIX_KEYS = ("repeats", "probability")
 
 # Dataset settings that fall back to the main config's key of the same name.
 INHERITED = ("resolution", "resolution_type", "minimum_image_size", "maximum_upscale", "crop", "crop_style",
              "crop_aspect", "caption_strategy", "metadata_file", "metadata_file_column", "metadata_caption_column",
-             "caption_fallback", "instance_prompt", "repeats")
+             "caption_fallback", "instance_prompt", "prepend_instance_prompt", "repeats")
 
 
 class ParquetCaptions(BaseModel):
@@ -68,7 +76,7 @@ class ImageDataset(BaseModel):
     caption_strategy: Literal["auto", "textfile", "metadata", "filename", "instanceprompt", "parquet",
                               "huggingface"] | None = None
     instance_prompt: str | None = None
-    prepend_instance_prompt: bool = False
+    prepend_instance_prompt: bool | None = None
     parquet: ParquetCaptions | None = None
     metadata_file: str | None = None
     metadata_file_column: str | None = None
@@ -83,16 +91,25 @@ class ImageDataset(BaseModel):
         return "center" if value == "centre" else value
 
     def setting(self, key: str, config):
-        """This dataset's value of a setting, else the one the main config sets, else SimpleTuner's
-        default for a dataloader entry (crop off, random crops, square when cropping), else ours."""
+        """This dataset's value of a setting. Left out of the entry, it is the main config's when the
+        main config sets it, else SimpleTuner's default for a dataloader entry, else ours."""
         value = getattr(self, key)
         if value is not None:
             return value
+        from_main_config = getattr(config, key, None)
         if self.id == SHORTHAND_ID or key in config.model_fields_set or key not in ENTRY_DEFAULTS:
-            return getattr(config, key)
+            return from_main_config
         if key == "crop_aspect" and not self.setting("crop", config):
             return "preserve"  # without a crop, an image keeps its aspect ratio in its bucket
+        if key == "caption_strategy" and self.type == "huggingface":
+            return "huggingface"  # the dataset's caption column
         return ENTRY_DEFAULTS[key]
+
+    def settings(self, keys: tuple[str, ...], config) -> dict:
+        """The values of `keys` as this dataset uses them (for cache keys: written or defaulted, the same)."""
+        values = {key: self.setting(key, config) if key in INHERITED or key in ENTRY_DEFAULTS else getattr(self, key)
+                  for key in keys}
+        return {key: value.model_dump() if isinstance(value, BaseModel) else value for key, value in values.items()}
 
     @property
     def root(self) -> Path:
@@ -146,8 +163,9 @@ def read_data_backend(path: Path) -> tuple[list[dict], list[str]]:
                 f"data_backend_config {path}: dataset {name!r} has dataset_type {kind!r}; only image datasets "
                 "(and the text_embeds / image_embeds entries, which are not needed here) are read"
             )
-        if "id" not in entry:
-            raise DataBackendError(f"data_backend_config {path}: entry {number} has no `id`; give every dataset one")
+        if not isinstance(entry.get("id"), str) or not entry["id"] or "/" in entry["id"]:
+            raise DataBackendError(f"data_backend_config {path}: entry {number} needs an `id`: a name without '/', "
+                                   f"unique in the file (got {entry.get('id')!r})")
         # SimpleTuner reads a Hugging Face dataset's keys at the top level or in a `huggingface` block.
         nested = entry.get("huggingface") if isinstance(entry.get("huggingface"), dict) else {}
         merged = {**{k: v for k, v in nested.items() if k in HF_KEYS}, **entry}
@@ -163,10 +181,16 @@ def read_data_backend(path: Path) -> tuple[list[dict], list[str]]:
         except SimpleTunerKeyError as exc:
             raise DataBackendError(str(exc)) from None
         try:
-            ImageDataset(**translated.values)
+            dataset = ImageDataset(**translated.values)
         except ValidationError as exc:
             problems = "; ".join(describe_error(error) for error in exc.errors())
             raise DataBackendError(f"data_backend_config {path}: dataset {name!r}: {problems}") from None
+        if dataset.model_extra:
+            notes.append(f"dataset {name!r}: unknown keys ignored: {', '.join(sorted(dataset.model_extra))} "
+                         "(check the spelling; see README 'Coming from SimpleTuner')")
+        where = {"local": "instance_data_dir", "huggingface": "dataset_name"}[dataset.type]
+        if not getattr(dataset, where):
+            raise DataBackendError(f"data_backend_config {path}: dataset {name!r} (type {dataset.type}) needs `{where}`")
         no_effect.update({f"{name}: {key}": reason for key, reason in translated.no_effect.items()})
         notes += [f"dataset {name!r}: {line}" for line in translated.mapped]
         images.append(translated.values)

@@ -12,6 +12,7 @@ import csv
 import hashlib
 import io
 import json
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,6 +151,11 @@ def caption_from_filename(path: Path) -> str:
     return path.stem.replace("_", " ")
 
 
+def fallback_caption(path: Path) -> str:
+    """`caption_fallback: filename`: the stem with runs of `_` and `-` made one space."""
+    return re.sub(r"[_\-]+", " ", path.stem).strip()
+
+
 def image_row(relative: str, image: Path | bytes, original: str, source: str, options: ScanOptions,
               seen_hashes: dict[str, str]) -> ManifestRow:
     """The manifest row of one captioned image (a file or its bytes): usable, or skipped with the reason."""
@@ -209,6 +215,7 @@ def scan_dataset(root: Path, options: ScanOptions = ScanOptions()) -> list[Manif
 
     rows: list[ManifestRow] = []
     seen_hashes: dict[str, str] = {}
+    multi_line: list[str] = []
     images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     for path in images:
         relative = path.relative_to(root).as_posix()
@@ -235,10 +242,16 @@ def scan_dataset(root: Path, options: ScanOptions = ScanOptions()) -> list[Manif
             if options.caption_fallback == "skip":
                 rows.append(ManifestRow(relative, "skipped", "no caption"))
                 continue
-            original = caption_from_filename(path) if options.caption_fallback == "filename" else ""
+            original = fallback_caption(path) if options.caption_fallback == "filename" else ""
             source = options.caption_fallback
+        if source == "textfile" and len([line for line in original.splitlines() if line.strip()]) > 1:
+            multi_line.append(relative)
         rows.append(image_row(relative, path, original, source, options, seen_hashes))
 
+    if multi_line:
+        warnings.warn(f"{len(multi_line)} caption files have several lines ({', '.join(multi_line[:5])}"
+                      f"{', ...' if len(multi_line) > 5 else ''}): each file is one caption here "
+                      "(SimpleTuner would train each line as a caption of its own)", stacklevel=2)
     if listed is not None:  # files the metadata names that are not there, or that point outside
         seen = {table_name(row.path) for row in rows}
         for name in sorted(set(listed) - seen):

@@ -19,12 +19,15 @@ def split_held_out(samples: list[TrainingSample], share: float, seed: int):
     """(training samples, held-out samples): a stable `share`, chosen by image content, so renames keep the split."""
     if share <= 0:
         return samples, []
-    ranked = sorted(samples, key=lambda s: hashlib.sha256(f"{seed}:{s.latent.image_sha256}".encode()).hexdigest())
-    count = max(1, round(share * len(samples)))
-    if count >= len(samples):
-        raise ValueError(f"validation_loss_share {share} of {len(samples)} samples leaves none to train on")
-    held = {id(s) for s in ranked[:count]}
-    return [s for s in samples if id(s) not in held], [s for s in samples if id(s) in held]
+    # By image, not by sample: an image in two datasets (two resolutions) is held out of both.
+    images = sorted({s.latent.image_sha256 for s in samples},
+                    key=lambda image: hashlib.sha256(f"{seed}:{image}".encode()).hexdigest())
+    count = max(1, round(share * len(images)))
+    if count >= len(images):
+        raise ValueError(f"validation_loss_share {share} of {len(images)} images leaves none to train on")
+    held = set(images[:count])
+    return ([s for s in samples if s.latent.image_sha256 not in held],
+            [s for s in samples if s.latent.image_sha256 in held])
 
 
 @torch.no_grad()

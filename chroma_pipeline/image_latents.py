@@ -16,7 +16,7 @@ from .storage import combine_hashes
 
 SETTINGS = (
     "output_dir", *models.MODEL_SETTINGS, "resolution", "resolution_type", "alpha_background", "crop", "crop_style",
-    "crop_aspect", "datasets",
+    "crop_aspect", "dataset_framing",
 )
 
 

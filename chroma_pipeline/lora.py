@@ -40,14 +40,11 @@ def _with_embedder(pattern: str) -> str:
 def target_modules(preset: str | list[str], num_single_layers: int) -> str:
     """A peft `target_modules` regex for a `flux_lora_target` preset, or for an explicit list of module names.
 
-    A list names diffusers modules: full names (`transformer_blocks.0.attn.to_q`) or the part
-    after the block index (`attn.to_q`, `proj_mlp`), which then applies to every block.
+    A list names diffusers modules as PEFT matches them: a full name (`transformer_blocks.0.attn.to_q`)
+    or the end of one (`attn.to_q`, `to_q`, `proj_mlp`), which then applies to every module it ends.
     """
-    if isinstance(preset, list):
-        full = [_escape(name) for name in preset if "blocks." in name]
-        inner = [_escape(name) for name in preset if "blocks." not in name]
-        parts = ([rf"(single_)?transformer_blocks\.\d+\.({'|'.join(inner)})"] if inner else []) + full
-        return "^(" + "|".join(parts) + ")$"
+    if isinstance(preset, list):  # PEFT's rule, as SimpleTuner passes them: a name matches itself and any suffix
+        return rf"^(.*\.)?({'|'.join(map(_escape, preset))})$"
     # SimpleTuner's Chroma presets (helpers/models/chroma/model.py), as the modules they reach here.
     if preset == "all":
         return _pattern(IMAGE_ATTENTION + TEXT_ATTENTION, SINGLE_ATTENTION)
@@ -136,7 +133,7 @@ DOUBLE_PLAIN = {"attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.p
                 "ff.net.2": "img_mlp.2", "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2"}
 SINGLE_FUSED = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}
 SINGLE_PLAIN = {"proj_out": "linear2"}
-TOP_PLAIN = {"x_embedder": "img_in"}  # the `+embedder` presets
+TOP_PLAIN = {"x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer.linear"}
 
 
 def kohya_layout(state: dict[str, torch.Tensor], transformer, alpha: float) -> dict[str, torch.Tensor]:
@@ -182,7 +179,7 @@ def kohya_layout(state: dict[str, torch.Tensor], transformer, alpha: float) -> d
                      state[f"{block}.{ours}.lora_B.weight"], 1)
     for ours, bfl in TOP_PLAIN.items():
         if f"{ours}.lora_A.weight" in state:
-            emit(f"lora_unet_{bfl}", state[f"{ours}.lora_A.weight"], state[f"{ours}.lora_B.weight"], 1)
+            emit(f"lora_unet_{bfl.replace('.', '_')}", state[f"{ours}.lora_A.weight"], state[f"{ours}.lora_B.weight"], 1)
     exported = {k for k in state if k.startswith(("transformer_blocks.", "single_transformer_blocks."))
                 or k.split(".")[0] in TOP_PLAIN}
     if len(exported) != len(state):

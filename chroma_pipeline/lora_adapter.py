@@ -26,6 +26,8 @@ from .text import read_embedding_index
 from .text_embeddings import cached_prompts
 
 SETTINGS = ("output_dir", *training.TRAINING_SETTINGS)
+# Presets whose modules changed to match SimpleTuner's Chroma code; their adapters' keys name the modules.
+PRESETS_NOW_SIMPLETUNERS = ("tiny", "nano")
 WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
@@ -76,12 +78,13 @@ def plan_adapter(config: ChromaConfig, layout: Layout, device: DeviceInfo) -> Ad
     samples, empty_key = training_samples(layout, config.named_datasets)
     pairs = sorted(f"{s.latent.cache_key}:{s.embedding_key}" for s in samples)
     start = models.weights_digest(Path(config.init_lora)) if config.init_lora else ""  # its content, not its name
-    # The modules the preset reaches, not only its name: a preset that changed meaning retrains.
-    model_dir = models.resolve_model_dir(config, layout.models_dir)
-    single_layers = json.loads((model_dir / "transformer" / "config.json").read_text())["num_single_layers"]
-    targets = target_modules(config.flux_lora_target, single_layers)
-    key = combine_hashes(*pairs, empty_key, base_model_key(config, layout, device), start, targets,
-                         config.settings_hash(*training.TRAINING_SETTINGS))
+    key_parts = [*pairs, empty_key, base_model_key(config, layout, device), start,
+                 config.settings_hash(*training.TRAINING_SETTINGS)]
+    if config.flux_lora_target in PRESETS_NOW_SIMPLETUNERS:  # same name, other modules than before: retrain
+        model_dir = models.resolve_model_dir(config, layout.models_dir)
+        single_layers = json.loads((model_dir / "transformer" / "config.json").read_text())["num_single_layers"]
+        key_parts.append(target_modules(config.flux_lora_target, single_layers))
+    key = combine_hashes(*key_parts)
     return AdapterPlan(key, layout.adapter_dir(key), samples, empty_key)
 
 

@@ -16,7 +16,7 @@ from .storage import combine_hashes
 SETTINGS = (
     "output_dir", "instance_data_dir", "caption_strategy", "metadata_file", "metadata_file_column",
     "metadata_caption_column", "caption_fallback", "minimum_image_size", "resolution_type", "alpha_background",
-    "maximum_upscale", "resolution", "crop_aspect", "instance_prompt", "datasets",
+    "maximum_upscale", "resolution", "crop_aspect", "instance_prompt", "prepend_instance_prompt", "dataset_scan",
 )
 
 
@@ -46,7 +46,7 @@ def scan_options(config: ChromaConfig, dataset: ImageDataset) -> ScanOptions:
         resolution=dataset.setting("resolution", config), crop_aspect=dataset.setting("crop_aspect", config),
         maximum_upscale=dataset.setting("maximum_upscale", config),
         minimum_aspect_ratio=dataset.minimum_aspect_ratio, maximum_aspect_ratio=dataset.maximum_aspect_ratio,
-        prepend_instance_prompt=dataset.prepend_instance_prompt,
+        prepend_instance_prompt=dataset.setting("prepend_instance_prompt", config),
     )
 
 

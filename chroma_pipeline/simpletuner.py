@@ -157,6 +157,11 @@ CONFIG_RULES: dict[str, Rule] = {
     "text_encoder_2_precision": no_effect("Chroma has one text encoder"),
     "text_encoder_3_precision": no_effect("Chroma has one text encoder"),
     "text_encoder_4_precision": no_effect("Chroma has one text encoder"),
+    "fused_qkv_projections": refused("the LoRA trains the separate q, k, v projections; fused QKV would train other "
+                                     "weights. Remove it or set false"),
+    "vae_dtype": refused("the VAE runs in the compute dtype (bf16 on GPUs, fp32 on CPUs)",
+                         harmless=(None, "default", "bf16", "fp32")),
+    "disable_benchmark": no_effect("no baseline benchmark run is made; the grid shows base-model cells"),
     "fuse_qkv_projections": refused("the LoRA trains the separate q, k, v projections; fused QKV would train other "
                                     "weights. Remove it or set false"),
     "attention_mechanism": no_effect("attention runs through torch SDPA; " + PERFORMANCE),
@@ -173,6 +178,10 @@ CONFIG_RULES: dict[str, Rule] = {
     "caption_strategy": same("the default of every dataset (`instance_prompt` is read as `instanceprompt`)",
                              caption_strategy),
     "instance_prompt": same("the caption of `caption_strategy: instanceprompt`"),
+    "prepend_instance_prompt": same("captions become `instance_prompt + \" \" + caption` (the default of every dataset)"),
+    "only_instance_prompt": renamed("caption_strategy", "true = `caption_strategy: instanceprompt`",
+                                    lambda v: "instanceprompt" if v else None),
+    "data_backend_sampling": same("`uniform`: datasets weighted by `probability`; `auto-weighting`: also by size"),
     "caption_dropout_probability": same("None = 0", lambda v: v or 0.0),
     "tokenizer_max_length": same(),
     "t5_padding": renamed("flux_t5_padding", "= `flux_t5_padding` (what SimpleTuner's Chroma code reads)"),
@@ -278,6 +287,10 @@ CONFIG_RULES: dict[str, Rule] = {
     "validation_guidance": renamed("validation_guidance_real", "the pipeline's guidance_scale (Chroma's CFG), when "
                                    "`validation_guidance_real` is not set"),
     "validation_guidance_real": same("the pipeline's guidance_scale (1.0 = single pass)"),
+    "validation_guidance_skip_layers": refused("skip-layer guidance is not applied; remove it", harmless=(None, [])),
+    "validation_guidance_skip_layers_start": refused("skip-layer guidance is not applied; remove it"),
+    "validation_guidance_skip_layers_stop": refused("skip-layer guidance is not applied; remove it"),
+    "validation_guidance_skip_scale": refused("skip-layer guidance is not applied; remove it"),
     "validation_guidance_rescale": refused("CFG rescale is not applied; remove it", harmless=(None, 0, 0.0)),
     "validation_no_cfg_until_timestep": refused("CFG runs at every step here; remove it", harmless=(None, 0)),
     "validation_num_inference_steps": same(),
@@ -306,6 +319,9 @@ CONFIG_RULES: dict[str, Rule] = {
 }
 
 # --- multidatabackend.json entries -------------------------------------------------------
+RESIZED_FIRST = ("an image is resized to cover its bucket before any crop, so a crop always spans its whole shorter "
+                 "side; there is no pre-crop size to set (SimpleTuner crops from the downsampled image)")
+
 def dataset_type(value: str) -> str:
     if value not in ("local", "huggingface"):
         raise SimpleTunerKeyError("these datasets are not read here; copy the images to a local folder "
@@ -354,10 +370,8 @@ DATASET_RULES: dict[str, Rule] = {
     "minimum_aspect_ratio": same("width / height below it: skipped"),
     "maximum_aspect_ratio": same("width / height above it: skipped"),
     "max_upscale_threshold": renamed("maximum_upscale", "t = `maximum_upscale: 1 + t`", upscale_factor),
-    "maximum_image_size": no_effect("images are always resized to cover their bucket before any crop, so a "
-                                    "pre-crop downsample changes nothing"),
-    "target_downsample_size": no_effect("images are always resized to cover their bucket before any crop, so a "
-                                        "pre-crop downsample changes nothing"),
+    "maximum_image_size": no_effect(RESIZED_FIRST),
+    "target_downsample_size": no_effect(RESIZED_FIRST),
     "crop": same("default false in a dataloader file, as in SimpleTuner"),
     "crop_style": same("center, random (fixed per image), corner; default random, as in SimpleTuner", crop_style),
     "crop_aspect": same("square or preserve; default square when cropping, as in SimpleTuner", crop_aspect),
@@ -374,7 +388,8 @@ DATASET_RULES: dict[str, Rule] = {
     "caption_shuffle": refused("captions are used as written; remove it"),
     "metadata_backend": no_effect("image sizes are read during the scan; " + PERFORMANCE),
     "repeats": same("0 = each image once per epoch"),
-    "probability": same("the chance this dataset gives the next batch (0 = 1, as in SimpleTuner)", chance),
+    "probability": same("the weight of this dataset in choosing the next batch (0 = 1, as in SimpleTuner); it "
+                        "changes the order, not how often a sample is seen (1 + repeats times an epoch)", chance),
     "timestep_sampling_offset": refused("one sigma distribution for all datasets; remove it", harmless=(None, 0, 0.0)),
     **dict.fromkeys(("start_epoch", "start_step", "end_epoch", "end_step", "max_num_samples"),
                     refused("every dataset trains for the whole run; remove it", harmless=(None, 0))),
@@ -386,7 +401,8 @@ DATASET_RULES: dict[str, Rule] = {
                      "text_embeds", "image_embeds"), no_effect(CACHES)),
     **dict.fromkeys(("skip_file_discovery", "metadata_update_interval", "write_batch_size", "hash_filenames",
                      "shorten_filenames", "vae_cache_ondemand", "text_cache_ondemand", "ignore_epochs",
-                     "disable_validation"), no_effect(PERFORMANCE)),
+                     "disable_validation", "vae_cache_disable", "text_cache_disable", "text_encoder_batch_size",
+                     "aspect_bucket_worker_count"), no_effect(PERFORMANCE)),
     **dict.fromkeys(("conditioning", "conditioning_data", "source_dataset_id", "conditioning_type"),
                     refused("conditioning datasets are not offered; remove it")),
 }
@@ -420,8 +436,8 @@ def translate(values: dict, rules: dict[str, Rule], where: str, own_keys: set[st
         except SimpleTunerKeyError as exc:
             raise SimpleTunerKeyError(f"{where}: `{key}` = {value!r}: {exc}") from None
         target = key if rule.ours is None else rule.ours
-        if target == "":
-            continue  # the value is what this pipeline does anyway
+        if target == "" or converted is None:
+            continue  # the value is what this pipeline does anyway, or leaves the setting at its default
         if target != key and target in explicit:
             if values[target] != converted:
                 result.mapped.append(f"`{key}` = {value!r} set aside: `{target}` = {values[target]!r} is also set")

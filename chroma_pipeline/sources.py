@@ -12,19 +12,19 @@ import functools
 from pathlib import Path
 
 from .databackend import ImageDataset
-from .dataset import ManifestRow, ScanOptions, image_row
+from .dataset import ManifestRow, ScanOptions, image_row, is_inside
 
 
 def read_image(dataset: ImageDataset, relative: str) -> bytes:
     """The stored bytes of one image of `dataset` (`relative`: its path in the dataset)."""
     if dataset.type == "huggingface":
-        table = _hf_split(dataset.dataset_name, dataset.split, dataset.image_column)
+        table = _hf_split(dataset.dataset_name, dataset.split, dataset.image_column, dataset.revision)
         return _image_bytes(table[int(relative.removeprefix("row-"))][dataset.image_column], dataset)
     return (dataset.root / relative).read_bytes()
 
 
 def scan_huggingface(dataset: ImageDataset, options: ScanOptions) -> list[ManifestRow]:
-    table = _hf_split(dataset.dataset_name, dataset.split, dataset.image_column)
+    table = _hf_split(dataset.dataset_name, dataset.split, dataset.image_column, dataset.revision)
     columns = [dataset.caption_column] if isinstance(dataset.caption_column, str) else list(dataset.caption_column)
     missing = [c for c in columns if c not in table.column_names]
     if options.caption_strategy != "instanceprompt" and missing:
@@ -56,14 +56,30 @@ def scan_huggingface(dataset: ImageDataset, options: ScanOptions) -> list[Manife
 
 
 def _image_bytes(value, dataset: ImageDataset) -> bytes:
+    """The image's bytes, embedded in the table or in the file a row names (an image-folder dataset
+    stores paths). A path is read only inside the dataset's folder or the Hugging Face caches."""
     if isinstance(value, dict) and value.get("bytes"):
         return value["bytes"]
-    # An image stored as a file path would be read from outside the dataset; ask for embedded bytes.
-    raise ValueError("image stored as a path, not bytes (save the dataset with embedded images)")
+    path = Path(value["path"]) if isinstance(value, dict) and value.get("path") else None
+    if path is None:
+        raise ValueError("no image in this row")
+    if not any(is_inside(path, root) for root in _readable_roots(dataset)):
+        raise ValueError("image path outside the dataset and the Hugging Face caches")
+    return path.read_bytes()
+
+
+def _readable_roots(dataset: ImageDataset) -> list[Path]:
+    import datasets
+    from huggingface_hub import constants
+
+    roots = [Path(datasets.config.HF_DATASETS_CACHE), Path(constants.HF_HUB_CACHE)]
+    if Path(dataset.dataset_name).is_dir():
+        roots.append(Path(dataset.dataset_name))
+    return [root.resolve() for root in roots]
 
 
 @functools.lru_cache(maxsize=8)  # per process: scan, and each VAE worker, opens the table once
-def _hf_split(name: str, split: str, image_column: str):
+def _hf_split(name: str, split: str, image_column: str, revision: str | None):
     try:
         import datasets
     except ImportError:
@@ -75,7 +91,7 @@ def _hf_split(name: str, split: str, image_column: str):
                 raise ValueError(f"{name} has splits {list(loaded)}, not {split!r}; set `split`")
             loaded = loaded[split]
     else:
-        loaded = datasets.load_dataset(name, split=split)
+        loaded = datasets.load_dataset(name, split=split, revision=revision)
     if image_column not in loaded.column_names:
         raise ValueError(f"{name} has no image column {image_column!r} (columns: {loaded.column_names}); set `image_column`")
     # The stored bytes, not decoded pixels: hashes and latents read exactly what the dataset holds.

@@ -45,7 +45,8 @@ TRAINING_SETTINGS = (
     "network_rank", "lora_alpha", "flux_lora_target", "learning_rate", "lr_scheduler", "lr_warmup_steps",
     "max_grad_norm", "grad_clip_method", "flow_schedule_shift", "train_batch_size", "gradient_accumulation_steps",
     "max_train_steps", "mixed_precision", "seed", "caption_dropout_probability", "validation_loss_share", "lora_dropout",
-    "init_lora", "num_train_epochs", "repeats", "optimizer", "adam_weight_decay", "num_processes", "num_machines", "datasets",
+    "init_lora", "num_train_epochs", "repeats", "optimizer", "adam_weight_decay", "num_processes", "num_machines",
+    "dataset_mix", "data_backend_sampling",
 )
 
 
@@ -151,7 +152,7 @@ def train_lora(
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=steps)
     batches = bucket_batches(samples, config.train_batch_size, config.seed, dataset_repeats(config),
-                             dataset_probability(config))
+                             dataset_probability(config, samples))
     load = dict(
         samples=samples, latent_store=ShardStore(latent_dir), embedding_dir=embedding_dir, vae_config=vae_config,
         text_width=text_width, max_length=config.tokenizer_max_length, device=on_device, dtype=dtype,

@@ -165,8 +165,9 @@ def test_an_edit_in_one_dataset_re_encodes_only_there(tmp_path, tiny_model_dir):
         for index in range(3):
             picture(tmp_path / folder / f"{index}.png", (64, 64), (colour[0], index * 40, colour[2]))
             (tmp_path / folder / f"{index}.txt").write_text(f"{folder} picture {index}")
-    config_path = write_backend(tmp_path, [{"id": "a", "instance_data_dir": "a", "resolution": 64},
-                                           {"id": "b", "instance_data_dir": "b", "resolution": 128}],
+    textfile = {"caption_strategy": "textfile"}
+    config_path = write_backend(tmp_path, [{"id": "a", "instance_data_dir": "a", "resolution": 64, **textfile},
+                                           {"id": "b", "instance_data_dir": "b", "resolution": 128, **textfile}],
                                 pretrained_model_name_or_path=str(tiny_model_dir), tokenizer_max_length=16)
     device = detect_device("cpu")
 
@@ -193,3 +194,94 @@ def test_the_grid_renders_at_the_largest_datasets_resolution_unless_told(tmp_pat
                                                   {"id": "b", "instance_data_dir": "data", "resolution": 768}]))
     assert config.validation_size == 768
     assert config.model_copy(update={"validation_resolution": 256}).validation_size == 256
+
+
+def test_a_hugging_face_dataset_that_stores_paths_is_read_only_from_its_caches(tmp_path, monkeypatch):
+    """Image-folder datasets on the Hub keep file paths, not bytes; those files live in the HF cache."""
+    import datasets
+
+    import chroma_pipeline.sources as sources
+
+    cache, elsewhere = tmp_path / "hf-cache", tmp_path / "elsewhere"
+    inside, outside = picture(cache / "a.png", (64, 64)), picture(elsewhere / "b.png", (64, 64), (1, 1, 1))
+    table = datasets.Dataset.from_dict({"image": [{"bytes": None, "path": str(inside)},
+                                                  {"bytes": None, "path": str(outside)}], "text": ["kept", "refused"]})
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(cache))
+    monkeypatch.setattr(sources, "_hf_split", lambda *args: table)
+    rows = scan(write_backend(tmp_path, [{"id": "hub", "type": "huggingface", "dataset_name": "someone/images"}]))
+    assert rows["hub/row-000000"].status == "ok"
+    assert rows["hub/row-000001"].skip_reason == "image path outside the dataset and the Hugging Face caches"
+
+
+def test_a_dataloader_entry_with_a_typo_or_without_its_folder_is_reported(tmp_path):
+    (tmp_path / "data").mkdir()
+    with pytest.warns(UserWarning, match="dataset 'a': unknown keys ignored: resolutoin"):
+        load_config(write_backend(tmp_path, [{"id": "a", "instance_data_dir": "data", "resolutoin": 512}]))
+    with pytest.raises(ConfigError, match="dataset 'a' .*needs `instance_data_dir`"):
+        load_config(write_backend(tmp_path, [{"id": "a", "instance_dir": "data"}]))
+    with pytest.raises(ConfigError, match="entry 0 needs an `id`"):
+        load_config(write_backend(tmp_path, [{"id": "", "instance_data_dir": "data"}]))
+    with pytest.raises(ConfigError, match="dataset 'a': `resolution` = 1024 with resolution_type 'area'"):
+        load_config(write_backend(tmp_path, [{"id": "a", "instance_data_dir": "data", "resolution_type": "area"}]))
+
+
+def test_an_image_in_two_datasets_is_held_out_of_both():
+    from chroma_pipeline.held_out import split_held_out
+
+    samples = [sample(dataset, i) for dataset in ("low", "high") for i in range(10)]  # same images, two datasets
+    train, held = split_held_out(samples, 0.2, seed=4)
+    assert {s.latent.image_sha256 for s in held}.isdisjoint({s.latent.image_sha256 for s in train})
+    assert len(held) == 4 and {s.dataset for s in held} == {"low", "high"}
+
+
+def test_auto_weighting_also_weighs_datasets_by_size(tmp_path):
+    from chroma_pipeline.batches import dataset_probability
+
+    (tmp_path / "data").mkdir()
+    config = load_config(write_backend(tmp_path, [{"id": "a", "instance_data_dir": "data", "probability": 1},
+                                                  {"id": "b", "instance_data_dir": "data", "probability": 0.5}],
+                                       data_backend_sampling="auto-weighting"))
+    samples = [sample("a", i) for i in range(30)] + [sample("b", i) for i in range(10)]
+    assert dataset_probability(config, samples) == {"a": 0.75, "b": 0.125}
+    uniform = config.model_copy(update={"data_backend_sampling": "uniform"})
+    assert dataset_probability(uniform, samples) == {"a": 1.0, "b": 0.5}
+
+
+def test_a_dataset_setting_re_runs_only_the_steps_that_read_it(tmp_path):
+    from assets._versions import STEP_SETTINGS, step_code_version
+
+    (tmp_path / "data").mkdir()
+
+    def versions(**entry):
+        config = load_config(write_backend(tmp_path, [{"id": "a", "instance_data_dir": "data", **entry}]))
+        return {step: step_code_version(config, step) for step in STEP_SETTINGS}
+
+    base = versions(crop=True)
+    changed = lambda other: {step for step in base if other[step] != base[step]}  # noqa: E731
+    assert changed(versions(crop=True, repeats=3)) == {"lora_adapter"}
+    assert changed(versions(crop=True, probability=0.5)) == {"lora_adapter"}
+    assert changed(versions(crop=True, crop_style="corner")) == {"image_latents"}  # new latents retrain anyway
+    assert changed(versions(crop=True, caption_strategy="textfile")) == {"raw_dataset"}
+    # Written out or left to SimpleTuner's default, the same; a cache folder changes nothing.
+    assert changed(versions(crop=True, crop_style="random", cache_dir_vae="elsewhere/{model_family}")) == set()
+
+
+def test_single_folder_configs_keep_their_versions_from_before_several_datasets():
+    """A user who upgrades must not see every step as changed: these are the demo's versions from before."""
+    from assets._versions import STEP_SETTINGS, step_code_version
+    from chroma_pipeline.config import config_from_dict
+    from chroma_pipeline.demo_data import demo_config
+
+    config = config_from_dict(demo_config(Path("/data/dataset"), Path("/data/output")))
+    assert {step: step_code_version(config, step) for step in STEP_SETTINGS} == {
+        "raw_dataset": "1+a6f110eb565b4960", "image_latents": "1+ac121bbc068652cf",
+        "text_embeddings": "1+2f486d3d3acaf167", "quantized_base_model": "1+8d9a9f2a199eabcc",
+        "lora_adapter": "1+bc44a0db96bcd44a", "validation_grid": "1+2cb28f0e0500eb7d"}
+
+
+def test_a_caption_file_of_several_lines_is_one_caption_and_the_scan_says_so(tmp_path):
+    picture(tmp_path / "cat.png")
+    (tmp_path / "cat.txt").write_text("a cat\na cat on a mat\n")
+    with pytest.warns(UserWarning, match=r"1 caption files have several lines \(cat.png\)"):
+        rows = scan_dataset(tmp_path, ScanOptions())
+    assert rows[0].caption == "a cat\na cat on a mat"

@@ -120,6 +120,9 @@ def test_chromas_presets_are_simpletuners():
     # Its Chroma code has no `nano`: SimpleTuner trains its default q, k, v, out targets instead.
     assert reached("nano") == reached("tiny") - {"transformer_blocks.0.ff.net.0.proj"}
     assert "proj_out" not in reached("all+ffs")  # the final output layer stays out (kept in full precision too)
+    # A list is matched as PEFT matches SimpleTuner's `peft_lora_target_modules`: by name or by its end.
+    assert reached(["to_q"]) == {"transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.attn.to_q"}
+    assert reached(["proj_out"]) == {"proj_out", "single_transformer_blocks.0.proj_out"}
 
 
 MODULES = ["x_embedder", "context_embedder", "proj_out", "transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k",
@@ -289,3 +292,10 @@ def test_the_quickstarts_snippet_trains_with_a_dataloader_file(tmp_path, tiny_ch
     weights = next((tmp_path / "config" / "quickstart-output").rglob("lora/*/pytorch_lora_weights.safetensors"))
     assert adapter_rank_and_alpha(weights) == (16, 16.0)
     assert "samples per epoch (with repeats): large 4, small 18" in run.stdout
+
+
+def test_peft_lora_target_modules_replace_the_preset(tmp_path):
+    assert config_from_dict({"peft_lora_target_modules": ["to_q", "to_v"]}).flux_lora_target == ["to_q", "to_v"]
+    listed = tmp_path / "targets.json"
+    listed.write_text('["attn.to_k"]')
+    assert config_from_dict({"peft_lora_target_modules": str(listed)}).flux_lora_target == ["attn.to_k"]
