@@ -40,7 +40,8 @@ def raw_dataset(context: AssetExecutionContext, chroma: ChromaConfigResource, st
     observed = latest_observed_version(context.instance)
     if fingerprint.version != observed:
         context.log.warning(
-            f"The dataset folder {config.instance_data_dir} "
+            f"The dataset folder{'s' if config.named_datasets else ''} "
+            f"{', '.join(str(d.root) for d in config.image_datasets)} "
             + ("has no observation yet" if observed is None else "changed since its latest observation")
             + ": this scan reads it as it is now, but its lineage can only name what dataset_folder's latest "
             "observation says. dataset_watch records the folder at its next tick, and the UI then shows this "
@@ -67,7 +68,7 @@ def raw_dataset(context: AssetExecutionContext, chroma: ChromaConfigResource, st
             "skipped by reason": MetadataValue.json(dict(Counter(row.skip_reason.split(" of ")[0] for row in skipped))),
             "skipped files": markdown_table(["file", "reason"], [[r.path, r.skip_reason] for r in skipped[:200]]),
             "manifest": MetadataValue.path(str(result.path)),
-            "dataset": MetadataValue.path(config.instance_data_dir),
+            "dataset": MetadataValue.path(config.data_backend_config or config.instance_data_dir),
             "dataset fingerprint": fingerprint.version,
             **(_per_dataset(config, rows) if config.named_datasets else {}),
         },

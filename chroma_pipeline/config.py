@@ -24,7 +24,7 @@ from .databackend import (
     DataBackendError,
     ImageDataset,
     describe_error,
-    read_data_backend,
+    image_entries,
 )
 from .simpletuner import CONFIG_RULES, SimpleTunerKeyError, grouped, translate
 from .storage import parse_jsonc
@@ -363,7 +363,9 @@ def load_config(path: str | Path, **overrides: Any) -> ChromaConfig:
         value = values.get(key, ChromaConfig.model_fields[key].default)
         if isinstance(value, str):  # (None stays None)
             values[key] = resolve_path(value, path.parent, must_exist=key != "output_dir")
-    if values.get("data_backend_config") and "datasets" not in values:
+    if "datasets" in values:  # the dataloader list written inline
+        values["datasets"] = dataset_entries(values["datasets"], f"{path}: `datasets`", path.parent)
+    elif values.get("data_backend_config"):
         values["datasets"] = datasets_from_file(Path(values["data_backend_config"]), path.parent)
     config = config_from_dict(values, source=str(path))
     if config.init_lora and not Path(config.init_lora).is_file():
@@ -396,11 +398,20 @@ def datasets_from_file(path: Path, config_dir: Path) -> list[dict]:
     if not path.is_file():
         raise ConfigError(f"`data_backend_config` = {str(path)!r} is not a file; give the path of your multidatabackend.json")
     try:
-        entries, notes = read_data_backend(path)
+        entries = parse_jsonc(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ConfigError(f"data_backend_config {path}: not valid JSON: {exc}") from None
+    return dataset_entries(entries, f"data_backend_config {path}", config_dir)
+
+
+def dataset_entries(entries, where: str, config_dir: Path) -> list[dict]:
+    """Dataloader entries made ours (SimpleTuner's rules, notes as warnings), their paths made absolute."""
+    try:
+        entries, notes = image_entries(entries, where)
     except DataBackendError as exc:
         raise ConfigError(str(exc)) from None
     for note in notes:
-        warnings.warn(f"{path}: {note}", stacklevel=3)
+        warnings.warn(f"{where}: {note}", stacklevel=4)
     for entry in entries:
         if isinstance(entry.get("instance_data_dir"), str):
             entry["instance_data_dir"] = resolve_path(entry["instance_data_dir"].rstrip("/"), config_dir)

@@ -18,7 +18,6 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .simpletuner import DATASET_RULES, SimpleTunerKeyError, grouped, translate
-from .storage import parse_jsonc
 
 SHORTHAND_ID = ""
 
@@ -135,19 +134,15 @@ class DataBackendError(ValueError):
     pass
 
 
-def read_data_backend(path: Path) -> tuple[list[dict], list[str]]:
-    """The image dataset entries of a SimpleTuner dataloader file, and notes on what was set aside.
+def image_entries(entries, where: str) -> tuple[list[dict], list[str]]:
+    """The image dataset entries of a SimpleTuner dataloader list, and notes on what was set aside.
 
     Disabled entries and the `text_embeds` / `image_embeds` entries are left out with a note:
     this pipeline keys its caches by content under `output_dir`, so their cache folders are
     not needed. Each entry's keys go through SimpleTuner's dataset rules (simpletuner.py).
     """
-    try:
-        entries = parse_jsonc(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise DataBackendError(f"data_backend_config {path}: not valid JSON: {exc}") from None
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-        raise DataBackendError(f"data_backend_config {path}: must be a list of dataset objects, as SimpleTuner writes it")
+        raise DataBackendError(f"{where}: must be a list of dataset objects, as SimpleTuner writes it")
     images, notes, no_effect = [], [], {}
     for number, entry in enumerate(entries):
         name = entry.get("id", f"entry {number}")
@@ -160,11 +155,11 @@ def read_data_backend(path: Path) -> tuple[list[dict], list[str]]:
             continue
         if kind != "image":
             raise DataBackendError(
-                f"data_backend_config {path}: dataset {name!r} has dataset_type {kind!r}; only image datasets "
+                f"{where}: dataset {name!r} has dataset_type {kind!r}; only image datasets "
                 "(and the text_embeds / image_embeds entries, which are not needed here) are read"
             )
         if not isinstance(entry.get("id"), str) or not entry["id"] or "/" in entry["id"]:
-            raise DataBackendError(f"data_backend_config {path}: entry {number} needs an `id`: a name without '/', "
+            raise DataBackendError(f"{where}: entry {number} needs an `id`: a name without '/', "
                                    f"unique in the file (got {entry.get('id')!r})")
         # SimpleTuner reads a Hugging Face dataset's keys at the top level or in a `huggingface` block.
         nested = entry.get("huggingface") if isinstance(entry.get("huggingface"), dict) else {}
@@ -176,7 +171,7 @@ def read_data_backend(path: Path) -> tuple[list[dict], list[str]]:
         if merged.get("type") == "huggingface" and merged.get("caption_strategy") == "huggingface":
             merged["caption_strategy"] = None  # the dataset's caption column: the scan's default for this type
         try:
-            translated = translate(merged, DATASET_RULES, f"data_backend_config {path}: dataset {name!r}",
+            translated = translate(merged, DATASET_RULES, f"{where}: dataset {name!r}",
                                    own_keys=set(ImageDataset.model_fields))
         except SimpleTunerKeyError as exc:
             raise DataBackendError(str(exc)) from None
@@ -184,13 +179,13 @@ def read_data_backend(path: Path) -> tuple[list[dict], list[str]]:
             dataset = ImageDataset(**translated.values)
         except ValidationError as exc:
             problems = "; ".join(describe_error(error) for error in exc.errors())
-            raise DataBackendError(f"data_backend_config {path}: dataset {name!r}: {problems}") from None
+            raise DataBackendError(f"{where}: dataset {name!r}: {problems}") from None
         if dataset.model_extra:
             notes.append(f"dataset {name!r}: unknown keys ignored: {', '.join(sorted(dataset.model_extra))} "
                          "(check the spelling; see README 'Coming from SimpleTuner')")
-        where = {"local": "instance_data_dir", "huggingface": "dataset_name"}[dataset.type]
-        if not getattr(dataset, where):
-            raise DataBackendError(f"data_backend_config {path}: dataset {name!r} (type {dataset.type}) needs `{where}`")
+        folder_key = {"local": "instance_data_dir", "huggingface": "dataset_name"}[dataset.type]
+        if not getattr(dataset, folder_key):
+            raise DataBackendError(f"{where}: dataset {name!r} (type {dataset.type}) needs `{folder_key}`")
         no_effect.update({f"{name}: {key}": reason for key, reason in translated.no_effect.items()})
         notes += [f"dataset {name!r}: {line}" for line in translated.mapped]
         images.append(translated.values)
@@ -198,9 +193,9 @@ def read_data_backend(path: Path) -> tuple[list[dict], list[str]]:
         notes.append("accepted, no effect here: " + grouped(no_effect))
     ids = [e["id"] for e in images]
     if len(set(ids)) != len(ids):
-        raise DataBackendError(f"data_backend_config {path}: dataset ids must be unique (got {ids})")
+        raise DataBackendError(f"{where}: dataset ids must be unique (got {ids})")
     if not images:
-        raise DataBackendError(f"data_backend_config {path}: no enabled image dataset")
+        raise DataBackendError(f"{where}: no enabled image dataset")
     return images, notes
 
 

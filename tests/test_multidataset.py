@@ -285,3 +285,13 @@ def test_a_caption_file_of_several_lines_is_one_caption_and_the_scan_says_so(tmp
     with pytest.warns(UserWarning, match=r"1 caption files have several lines \(cat.png\)"):
         rows = scan_dataset(tmp_path, ScanOptions())
     assert rows[0].caption == "a cat\na cat on a mat"
+
+
+def test_the_dataloader_list_can_be_written_inside_the_config_too(tmp_path):
+    picture(tmp_path / "data" / "a_b.png")
+    (tmp_path / "config.json").write_text(json.dumps({
+        "output_dir": "out", "datasets": [{"id": "inline", "instance_data_dir": "data", "cache_dir_vae": "x"}]}))
+    with pytest.warns(UserWarning, match="no effect here"):
+        config = load_config(tmp_path / "config.json")
+    assert config.image_datasets[0].root == tmp_path / "data"  # made absolute like the file's paths
+    assert scan(tmp_path / "config.json")["inline/a_b.png"].caption == "a b"
