@@ -42,14 +42,14 @@ def _nothing_to_check(key: str) -> AssetCheckResult:
 
 @asset_check(asset=image_latents, blocking=True, description="every usable image has a finite latent of its bucket's shape")
 def latents_complete_and_finite(context: AssetCheckExecutionContext, chroma: ChromaConfigResource, store: ArtifactStore):
-    config = chroma.load(context.log)
+    config = chroma.load()  # the asset that ran before logged its notes
     return _result(checks.latents_complete_and_finite(config, store.layout(config)))
 
 
 @asset_check(asset=text_embeddings, blocking=True,
              description="every embedding keeps its text's tokens plus exactly one padding token open, finite values")
 def masks_keep_one_padding_token(context: AssetCheckExecutionContext, chroma: ChromaConfigResource, store: ArtifactStore):
-    config = chroma.load(context.log)
+    config = chroma.load()  # the asset that ran before logged its notes
     return _result(checks.embeddings_follow_mask_rule(config, store.layout(config)))
 
 
@@ -57,7 +57,7 @@ def masks_keep_one_padding_token(context: AssetCheckExecutionContext, chroma: Ch
 def forward_pass_is_finite(
     context: AssetCheckExecutionContext, chroma: ChromaConfigResource, store: ArtifactStore, gpu: GPUResource
 ):
-    config = chroma.load(context.log)
+    config = chroma.load()  # the asset that ran before logged its notes
     return _result(checks.quantized_forward_is_finite(config, store.layout(config), gpu.info()))
 
 
@@ -66,7 +66,7 @@ def forward_pass_is_finite(
 def adapter_changes_output(
     context: AssetCheckExecutionContext, chroma: ChromaConfigResource, store: ArtifactStore, gpu: GPUResource
 ):
-    config = chroma.load(context.log)
+    config = chroma.load()  # the asset that ran before logged its notes
     adapter = _latest_path(context, "lora_adapter", "adapter")
     if adapter is None:
         return _nothing_to_check("lora_adapter")

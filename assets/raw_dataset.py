@@ -40,9 +40,10 @@ def raw_dataset(context: AssetExecutionContext, chroma: ChromaConfigResource, st
     observed = latest_observed_version(context.instance)
     if fingerprint.version != observed:
         context.log.warning(
-            f"The dataset folder{'s' if config.named_datasets else ''} "
-            f"{', '.join(str(d.root) for d in config.image_datasets)} "
-            + ("has no observation yet" if observed is None else "changed since its latest observation")
+            ("The dataset folders " if config.named_datasets else "The dataset folder ")
+            + ", ".join(str(d.root) for d in config.image_datasets) + " "
+            + ("have" if config.named_datasets else "has")
+            + (" no observation yet" if observed is None else " changed since its latest observation")
             + ": this scan reads it as it is now, but its lineage can only name what dataset_folder's latest "
             "observation says. dataset_watch records the folder at its next tick, and the UI then shows this "
             "scan as unsynced. Run the dataset_scan job (or select dataset_folder with the scan) to observe "

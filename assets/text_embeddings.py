@@ -30,7 +30,7 @@ def text_embeddings(
             "padding": config.flux_t5_padding,
             "text encoder precision": config.text_encoder_precision,
             "index": MetadataValue.path(str(result.path)),
-            **({"datasets": markdown_table(["dataset", "captions", "encoded now"],
+            **({"datasets": markdown_table(["dataset", "images (one caption each)", "encoded now"],
                                            [[d, c["captions"], c["encoded"]] for d, c in result.stats["datasets"].items()])}
                if "datasets" in result.stats else {}),
         },

@@ -32,11 +32,15 @@ def bucket_for(
     - area: `resolution` megapixels, at the image's aspect ratio.
     `crop_aspect="square"` puts every image in the square bucket of that size instead.
     """
-    # Rounded so near-equal ratios share a bucket; clamped so a 1:50 strip still gets a sane bucket (cropped to 1:4).
-    aspect = 1.0 if crop_aspect == "square" else min(MAX_ASPECT, max(1 / MAX_ASPECT, round(width / height, 2)))
+    if width < height:  # a portrait gets its landscape twin's bucket, turned: 2:3 is 3:2 on its side
+        turned = bucket_for(height, width, resolution, resolution_type, crop_aspect)
+        return turned[1], turned[0]
+    # Long side over short side, rounded so near-equal ratios share a bucket; clamped so a 1:50 strip
+    # still gets a sane bucket (cropped to 1:4).
+    aspect = 1.0 if crop_aspect == "square" else min(MAX_ASPECT, round(width / height, 2))
     if resolution_type == "pixel":
         short = int(resolution)
-        return (_snap(short * aspect), short) if aspect >= 1 else (short, _snap(short / aspect))
+        return _snap(short * aspect), short
     area = resolution * resolution if resolution_type == "pixel_area" else resolution * MEGAPIXEL
     return _snap(math.sqrt(area * aspect)), _snap(math.sqrt(area / aspect))
 

@@ -24,6 +24,7 @@ from .databackend import (
     DataBackendError,
     ImageDataset,
     describe_error,
+    did_you_mean,
     image_entries,
 )
 from .simpletuner import CONFIG_RULES, SimpleTunerKeyError, grouped, translate
@@ -315,10 +316,18 @@ def read_prompt_library(path: Path) -> list[str]:
     if not isinstance(entries, list):
         entries = [None]
     prompts = [entry.get("prompt") if isinstance(entry, dict) else entry for entry in entries]
+    extras = sorted({key for entry in entries if isinstance(entry, dict) for key in entry} - {"prompt"})
+    if extras:
+        warnings.warn(f"user_prompt_library {path}: only each entry's prompt is used; {', '.join(extras)} "
+                      "ignored (one negative prompt for all: validation_negative_prompt)", stacklevel=3)
     if not all(isinstance(p, str) and p.strip() for p in prompts):
         raise ValueError(f'user_prompt_library {path} must be {{"name": "prompt", ...}}, {{"name": {{"prompt": "..."}}}} '
                          'or ["prompt", ...], with no empty prompt')
     return prompts
+
+
+def known_config_keys() -> list[str]:
+    return [*ChromaConfig.model_fields, *CONFIG_RULES]
 
 
 def config_from_dict(values: dict[str, Any], source: str = "config") -> ChromaConfig:
@@ -336,7 +345,7 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> ChromaCo
         warnings.warn(f"{source}: accepted, no effect here: {grouped(translated.no_effect)}", stacklevel=2)
     if config.unknown_keys:
         warnings.warn(
-            f"{source}: unknown keys ignored: {', '.join(config.unknown_keys)} "
+            f"{source}: unknown keys ignored: {did_you_mean(config.unknown_keys, known_config_keys())} "
             "(check the spelling; see README 'Config keys' and 'Coming from SimpleTuner')",
             stacklevel=2,
         )

@@ -209,12 +209,13 @@ def written_path(path: Path, base: Path) -> str:
 
 
 def data_backends(dataset: str, settings: dict) -> list[dict]:
-    """SimpleTuner's multidatabackend.json: one local image dataset and the text-embeds cache."""
+    """SimpleTuner's multidatabackend.json: one local image dataset, and the text-embeds entry SimpleTuner
+    requires (it has no effect here, and keeps the file usable by SimpleTuner too)."""
     name = Path(dataset).name or "dataset"
     return [
         {"id": name, "type": "local", "instance_data_dir": dataset, "resolution": settings["resolution"],
          "resolution_type": settings["resolution_type"], "minimum_image_size": 0, "caption_strategy": "textfile",
-         "repeats": 0, "crop": False, "cache_dir_vae": f"cache/vae/{{model_family}}/{name}"},
+         "repeats": 0, "crop": False},
         {"id": "text-embeds", "dataset_type": "text_embeds", "default": True, "type": "local",
          "cache_dir": "cache/text/{model_family}"},
     ]
@@ -325,6 +326,8 @@ def run(args) -> int:
     values = {key: settings[key] for key in ORDER if key in settings}
     why = f"configure proposed it: {reason}" if precision == proposal else f"your choice; configure proposed {proposal}"
     comments = {**COMMENTS, "base_model_precision": f"{why}. \"auto\" decides on the training machine itself"}
+    if values.get("model_flavour") == "tiny":
+        comments["learning_rate"] = "the demo's rate for the tiny model; the quickstart uses 2e-4 for the real Chroma"
     header = [f"Written by `chroma-pipeline configure` on {device.name} ({device.kind}).",
               f"Keys are SimpleTuner's; see README 'Config keys'. model_flavour {flavour}: "
               f"{FLAVOUR_REPOS.get(flavour, 'built locally, nothing downloaded')}."]

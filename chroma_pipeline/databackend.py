@@ -181,7 +181,8 @@ def image_entries(entries, where: str) -> tuple[list[dict], list[str]]:
             problems = "; ".join(describe_error(error) for error in exc.errors())
             raise DataBackendError(f"{where}: dataset {name!r}: {problems}") from None
         if dataset.model_extra:
-            notes.append(f"dataset {name!r}: unknown keys ignored: {', '.join(sorted(dataset.model_extra))} "
+            known = [*ImageDataset.model_fields, *DATASET_RULES]
+            notes.append(f"dataset {name!r}: unknown keys ignored: {did_you_mean(sorted(dataset.model_extra), known)} "
                          "(check the spelling; see README 'Coming from SimpleTuner')")
         folder_key = {"local": "instance_data_dir", "huggingface": "dataset_name"}[dataset.type]
         if not getattr(dataset, folder_key):
@@ -199,12 +200,26 @@ def image_entries(entries, where: str) -> tuple[list[dict], list[str]]:
     return images, notes
 
 
+def did_you_mean(unknown: list[str], known: list[str]) -> str:
+    """'repeat (did you mean repeats?), foo': unknown keys with the nearest known one where there is one."""
+    import difflib
+
+    named = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, known, n=1)
+        named.append(f"{key} (did you mean {close[0]}?)" if close else key)
+    return ", ".join(named)
+
+
 def describe_error(error: dict) -> str:
     """One pydantic error as "`key` = value: what is allowed"."""
-    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    message = error["msg"].removeprefix("Value error, ")
+    if not error["loc"]:  # a rule over several settings: its message names them, the input is the whole config
+        return message
+    key = ".".join(str(part) for part in error["loc"])
     if error["type"] == "literal_error":
         return f"`{key}` = {error.get('input')!r} is not allowed; allowed values: {error['ctx']['expected']}"
-    return f"`{key}` = {error.get('input')!r}: {error['msg'].removeprefix('Value error, ')}"
+    return f"`{key}` = {error.get('input')!r}: {message}"
 
 
 HF_KEYS = ("dataset_name", "split", "revision", "image_column", "caption_column")

@@ -248,6 +248,11 @@ def scan_dataset(root: Path, options: ScanOptions = ScanOptions()) -> list[Manif
             multi_line.append(relative)
         rows.append(image_row(relative, path, original, source, options, seen_hashes))
 
+    if options.caption_strategy == "parquet" and not keep_suffix and not any(r.caption_source == "metadata" for r in rows):
+        if any(Path(name).suffix.lower() in IMAGE_SUFFIXES for name in listed):
+            warnings.warn(f"no image matched {options.caption_table}: its names carry a suffix (e.g. "
+                          f"{next(iter(listed))!r}); set `identifier_includes_extension: true` in the `parquet` block",
+                          stacklevel=2)
     if multi_line:
         warnings.warn(f"{len(multi_line)} caption files have several lines ({', '.join(multi_line[:5])}"
                       f"{', ...' if len(multi_line) > 5 else ''}): each file is one caption here "

@@ -57,6 +57,12 @@ def scan_one(config: ChromaConfig, dataset: ImageDataset) -> list[ManifestRow]:
                          "the caption every image gets")
     if dataset.type == "huggingface":
         rows = scan_huggingface(dataset, options)
+    elif not dataset.root.is_dir():
+        raise FileNotFoundError(
+            f"{dataset.describe()}: {dataset.root} is not a folder; set `instance_data_dir` in "
+            f"{config.data_backend_config or 'the config'} to the folder of its images (a relative path is read beside "
+            "the config file, else under the working directory)"
+        )
     else:
         rows = scan_dataset(dataset.root, options)
     for row in rows:  # a duplicate's reason names its twin by sample path too

@@ -436,7 +436,7 @@ def translate(values: dict, rules: dict[str, Rule], where: str, own_keys: set[st
         except SimpleTunerKeyError as exc:
             raise SimpleTunerKeyError(f"{where}: `{key}` = {value!r}: {exc}") from None
         target = key if rule.ours is None else rule.ours
-        if target == "" or converted is None:
+        if target == "" or (converted is None and value is not None):
             continue  # the value is what this pipeline does anyway, or leaves the setting at its default
         if target != key and target in explicit:
             if values[target] != converted:

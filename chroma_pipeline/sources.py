@@ -84,6 +84,8 @@ def _hf_split(name: str, split: str, image_column: str, revision: str | None):
         import datasets
     except ImportError:
         raise RuntimeError("a `type: huggingface` dataset needs the `datasets` library: pip install datasets") from None
+    if name.startswith(("/", ".", "~")) and not Path(name).expanduser().is_dir():
+        raise FileNotFoundError(f"dataset_name {name!r} is not a folder (a Hub id looks like 'owner/name')")
     if Path(name).is_dir():
         loaded = datasets.load_from_disk(name)
         if isinstance(loaded, datasets.DatasetDict):

@@ -16,7 +16,8 @@ class ChromaConfigResource(ConfigurableResource):
     config_path: str
 
     def setup_for_execution(self, context: InitResourceContext) -> None:
-        check_model_source(self.load(context.log))
+        # The config's notes are logged by the step that reads it (`load(context.log)`), not here too.
+        check_model_source(self.load())
 
     def load(self, log=None) -> ChromaConfig:
         with warnings.catch_warnings(record=True) as caught:

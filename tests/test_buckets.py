@@ -65,3 +65,11 @@ def test_no_crop_stretches_the_whole_image_into_the_bucket():
 def test_square_crop_aspect_puts_everything_in_the_square_bucket():
     assert bucket_for(3000, 2000, 1024, "pixel_area", crop_aspect="square") == (1024, 1024)
     assert bucket_for(2000, 3000, 512, "pixel", crop_aspect="square") == (512, 512)
+
+
+@pytest.mark.parametrize("resolution_type, resolution", [("pixel", 576), ("pixel_area", 576), ("pixel_area", 128),
+                                                         ("area", 1.0)])
+@pytest.mark.parametrize("size", [(300, 200), (1500, 1000), (640, 427), (1024, 683), (5000, 1000)])
+def test_a_portrait_gets_its_landscape_twins_bucket_turned(resolution_type, resolution, size):
+    landscape = bucket_for(*size, resolution, resolution_type)
+    assert bucket_for(size[1], size[0], resolution, resolution_type) == (landscape[1], landscape[0])

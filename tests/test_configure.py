@@ -271,7 +271,7 @@ def test_multidatabackend_mode_writes_simpletuners_dataloader_file(project):
     images, text = backends
     assert images == {"id": "dataset", "type": "local", "instance_data_dir": "dataset", "resolution": 512,
                       "resolution_type": "pixel_area", "minimum_image_size": 0, "caption_strategy": "textfile",
-                      "repeats": 0, "crop": False, "cache_dir_vae": "cache/vae/{model_family}/dataset"}
+                      "repeats": 0, "crop": False}
     assert text == {"id": "text-embeds", "dataset_type": "text_embeds", "default": True, "type": "local",
                     "cache_dir": "cache/text/{model_family}"}
     loaded = load_config(project / "config.jsonc")  # read as the pipeline reads it

@@ -295,3 +295,36 @@ def test_the_dataloader_list_can_be_written_inside_the_config_too(tmp_path):
         config = load_config(tmp_path / "config.json")
     assert config.image_datasets[0].root == tmp_path / "data"  # made absolute like the file's paths
     assert scan(tmp_path / "config.json")["inline/a_b.png"].caption == "a b"
+
+
+def test_a_misspelt_key_gets_the_nearest_known_one(tmp_path):
+    (tmp_path / "data").mkdir()
+    with pytest.warns(UserWarning, match=r"repeat \(did you mean repeats\?\)"):
+        load_config(write_backend(tmp_path, [{"id": "a", "instance_data_dir": "data", "repeat": 2}]))
+    with pytest.warns(UserWarning, match=r"lerning_rate \(did you mean learning_rate\?\)"):
+        from chroma_pipeline.config import config_from_dict
+
+        config_from_dict({"lerning_rate": 1e-4})
+
+
+def test_a_missing_dataset_folder_is_named_with_its_dataset_and_file(tmp_path):
+    (tmp_path / "data").mkdir()
+    config_path = write_backend(tmp_path, [{"id": "gone", "instance_data_dir": "nowhere"}])
+    with pytest.raises(FileNotFoundError, match=r"dataset 'gone': .*nowhere is not a folder; set `instance_data_dir` in "
+                                                r".*multidatabackend.json"):
+        scan(config_path)
+
+
+def test_a_parquet_table_whose_names_carry_a_suffix_gets_the_key_to_set(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    picture(tmp_path / "imgs" / "x1.png")
+    pq.write_table(pa.table({"filename": ["x1.png"], "caption": ["one"]}), tmp_path / "captions.parquet")
+    entry = {"id": "pq", "instance_data_dir": "imgs", "caption_strategy": "parquet",
+             "parquet": {"path": "captions.parquet", "filename_column": "filename", "caption_column": "caption"}}
+    with pytest.warns(UserWarning, match="set `identifier_includes_extension: true`"):
+        with pytest.raises(ValueError, match="no usable sample"):
+            scan(write_backend(tmp_path, [entry]))
+    entry["parquet"]["identifier_includes_extension"] = True
+    assert scan(write_backend(tmp_path, [entry]))["pq/x1.png"].caption == "one"

@@ -299,3 +299,10 @@ def test_peft_lora_target_modules_replace_the_preset(tmp_path):
     listed = tmp_path / "targets.json"
     listed.write_text('["attn.to_k"]')
     assert config_from_dict({"peft_lora_target_modules": str(listed)}).flux_lora_target == ["attn.to_k"]
+
+
+def test_prompt_library_keys_other_than_the_prompt_are_named_as_ignored(tmp_path):
+    path = tmp_path / "library.json"
+    path.write_text(json.dumps({"cat": {"prompt": "a cat", "negative_prompt": "dogs"}}))
+    with pytest.warns(UserWarning, match="negative_prompt ignored"):
+        assert config_from_dict({"validation_prompt": None, "user_prompt_library": str(path)}).validation_prompts == ["a cat"]
