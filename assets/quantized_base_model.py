@@ -33,6 +33,11 @@ def quantized_base_model(
             "kept in full precision": ", ".join(stats["kept_full_precision"]),
             "quantize seconds": stats["seconds"],
         })
-    if "peak_host_bytes" in stats:
-        metadata["peak host RAM while quantizing GiB"] = round(stats["peak_host_bytes"] / GIB, 3)
+    if "peak_host_bytes" in stats:  # the process peak; older manifests recorded only the rise under this name
+        rise = stats.get("host_rise_bytes")
+        if rise is not None:
+            metadata["process peak host RAM while quantizing GiB"] = round(stats["peak_host_bytes"] / GIB, 3)
+            metadata["host RAM added by quantizing GiB"] = round(rise / GIB, 3)
+        else:
+            metadata["host RAM added by quantizing GiB"] = round(stats["peak_host_bytes"] / GIB, 3)
     return MaterializeResult(data_version=DataVersion(result.data_version), metadata=metadata)

@@ -20,7 +20,7 @@ from .flow import image_position_ids, pack_latents, predict_velocity
 from .latents import load_latent_entry, read_latent_index
 from .layout import Layout
 from .lora import apply_adapter
-from .quantized_base import load_base_transformer, quantized_key, resolve_precision
+from .quantized_base import decided_precision, load_base_transformer, quantized_key
 from .shards import ShardStore
 from .storage import write_json_atomic
 from .text import load_embedding, read_embedding_index
@@ -126,7 +126,7 @@ def probe_output(transformer, device: DeviceInfo, dtype) -> torch.Tensor:
 def quantized_forward_is_finite(config: ChromaConfig, layout: Layout, device: DeviceInfo) -> CheckOutcome:
     """The saved base model, reloaded as training will reload it, gives a finite prediction."""
     model_dir = models.resolve_model_dir(config, layout.models_dir)
-    precision, _reason = resolve_precision(config, layout, model_dir, device)
+    precision, _reason = decided_precision(config, layout, model_dir, device)
     key = quantized_key(config, model_dir, device, precision)
     return remembered(layout.checks_dir / f"forward-{key}.json",
                       lambda: _forward_is_finite(config, layout, device, precision))

@@ -19,7 +19,7 @@ from .latents import read_latent_index
 from .layout import Layout, StepResult
 from .lora import target_modules
 from .memory import check_fits
-from .quantized_base import base_model_key, load_base_transformer, precision_estimates, resolve_precision
+from .quantized_base import base_model_key, decided_precision, load_base_transformer, precision_estimates
 from .report import JsonValue, PathValue, image_markdown, loss_curve
 from .storage import combine_hashes, write_json_atomic
 from .text import read_embedding_index
@@ -107,8 +107,8 @@ def build_adapter(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=
         return read_trained(plan)
 
     model_dir = models.resolve_model_dir(config, layout.models_dir)
-    precision, _reason = resolve_precision(config, layout, model_dir, device)
-    needs = precision_estimates(config, model_dir, device)[precision]
+    precision, _reason = decided_precision(config, layout, model_dir, device)
+    needs = precision_estimates(config, model_dir, device, layout)[precision]
     log(f"training at {precision}: {needs.describe()}")
     check_fits(needs.training_device, device.free_memory_bytes(), f"training a rank-{config.network_rank} LoRA at {precision}",
                "Use base_model_precision 'auto' or a smaller one, gradient_checkpointing true, train_batch_size 1, or a "

@@ -77,16 +77,19 @@ class Estimate:
 
 
 def estimate(transformer_config: dict, precision: str, *, keep=(), rank: int = 16, lora_pattern: str | None = None,
-             resolution: int = 1024, batch_size: int = 1, text_tokens: int = 512, gradient_checkpointing: bool = True,
-             bytes_per_kept: int = 2) -> Estimate:
-    """Memory for training a LoRA on the transformer at `precision`, from its shapes alone (meta device)."""
+             bucket: tuple[int, int] = (1024, 1024), batch_size: int = 1, text_tokens: int = 512,
+             gradient_checkpointing: bool = True, bytes_per_kept: int = 2) -> Estimate:
+    """Memory for training a LoRA on the transformer at `precision`, from its shapes alone (meta device).
+
+    `bucket` is the largest (width, height) training will see: activations grow with its pixels.
+    """
     return _estimate(json.dumps(transformer_config, sort_keys=True, default=str), precision, tuple(keep), rank,
-                     lora_pattern, resolution, batch_size, text_tokens, gradient_checkpointing, bytes_per_kept)
+                     lora_pattern, tuple(bucket), batch_size, text_tokens, gradient_checkpointing, bytes_per_kept)
 
 
 @functools.lru_cache(maxsize=64)  # every step asks; building the 8.9B skeleton, even on "meta", takes a moment
 def _estimate(transformer_config: str, precision: str, keep: tuple, rank: int, lora_pattern: str | None,
-              resolution: int, batch_size: int, text_tokens: int, gradient_checkpointing: bool,
+              bucket: tuple[int, int], batch_size: int, text_tokens: int, gradient_checkpointing: bool,
               bytes_per_kept: int) -> Estimate:
     import re
 
@@ -117,7 +120,7 @@ def _estimate(transformer_config: str, precision: str, keep: tuple, rank: int, l
     blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
     largest_block = max(sum(p.numel() for p in block.parameters()) for block in blocks) * 2
     hidden = model.config.num_attention_heads * model.config.attention_head_dim
-    tokens = (resolution // 16) ** 2 + text_tokens
+    tokens = (bucket[0] // 16) * (bucket[1] // 16) + text_tokens  # 8x VAE, then 2x2 patches
     per_block_io = batch_size * tokens * hidden * 2  # one bf16 hidden state
     # With checkpointing only block inputs stay, plus one block's internals during its backward
     # (~24 hidden-sized tensors: q, k, v, attention output, 4x-wide MLP, norms); without, all of them.

@@ -270,13 +270,48 @@ def _drop(skeleton, unit: str) -> None:
     parent._modules[child] = torch.nn.Identity()
 
 
+def linear_names(transformer_config: dict) -> list[str]:
+    """Every Linear layer's full name in a Chroma transformer of this config (built on the meta device)."""
+    from accelerate import init_empty_weights
+    from diffusers import ChromaTransformer2DModel
+
+    with init_empty_weights():
+        skeleton = ChromaTransformer2DModel.from_config(transformer_config)
+    return [name for name, module in skeleton.named_modules() if isinstance(module, torch.nn.Linear)]
+
+
+def bnb_skip_modules(keep: tuple[str, ...], linear_names: list[str]) -> tuple[list[str], list[str]]:
+    """The `llm_int8_skip_modules` that keep what the quanto path keeps, and what cannot be kept.
+
+    diffusers skips a layer when its own name (the last part) is in the list, or when an entry is
+    its full name or a prefix of it. A kept top-level layer named like the blocks' layers
+    (`proj_out`, also every single block's output) cannot be named alone: listing it would keep
+    all 38 of those (1.8 B parameters in bf16). Such names are left out and reported instead.
+    """
+    kept = [name for name in linear_names if is_kept(name, keep)]
+    others = {name.rsplit(".", 1)[-1] for name in linear_names if not is_kept(name, keep)}
+    skip, quantized_anyway = [], []
+    for pattern in keep:
+        prefix = pattern.rstrip("*").rstrip(".")
+        reached = [name for name in kept if name == prefix or name.startswith(prefix + ".") or fnmatch.fnmatch(name, pattern)]
+        if prefix in others and prefix in reached:
+            quantized_anyway.append(prefix)
+        elif reached:
+            skip.append(prefix)
+    return skip, quantized_anyway
+
+
 def quantize_bnb_to_folder(transformer_dir: Path, precision: str, target: Path, source: dict, dtype: torch.dtype,
                            keep: tuple[str, ...] = KEEP_FULL_PRECISION, log=print) -> dict:
     """bitsandbytes quantizes while diffusers loads the checkpoint (shard by shard, onto the GPU)."""
     from diffusers import BitsAndBytesConfig, ChromaTransformer2DModel
 
     started = time.perf_counter()
-    skip = [pattern.rstrip("*").rstrip(".") for pattern in keep]  # bitsandbytes matches module-name prefixes
+    config = json.loads((transformer_dir / "config.json").read_text())
+    skip, quantized_anyway = bnb_skip_modules(keep, linear_names(config))
+    if quantized_anyway:
+        log(f"bitsandbytes keeps modules by their own name: {', '.join(quantized_anyway)} share theirs with the blocks' "
+            "layers, so they are quantized too (keeping them would keep every block's)")
     if precision == "nf4-bnb":
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
                                           llm_int8_skip_modules=skip)
@@ -290,7 +325,8 @@ def quantize_bnb_to_folder(transformer_dir: Path, precision: str, target: Path, 
         model.save_pretrained(staging / "bnb", safe_serialization=True)
         quantized = sum(m.weight.numel() for m in model.modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt"))
         manifest = {
-            "precision": precision, "kept_full_precision": list(keep), "quantized_parameters": int(quantized),
+            "precision": precision, "kept_full_precision": skip, "quantized_although_kept_by_quanto": quantized_anyway,
+            "quantized_parameters": int(quantized),
             "kept_parameters": int(total - quantized), "bitsandbytes": library_version(precision),
             "seconds": round(time.perf_counter() - started, 3),
             "bytes": sum(f.stat().st_size for f in (staging / "bnb").glob("*.safetensors")), **source,

@@ -1,6 +1,7 @@
 """Step `quantized_base_model`: the Chroma transformer at `base_model_precision`, quantized once and reloaded.
 
-Also the one place that says which precision a run uses (`resolve_precision`) and where
+Also the one place that decides which precision a run uses (`decide_precision`; the later
+steps read that decision with `decided_precision`) and where
 that model lives on disk (`quantized_key`), so training, the grid and the checks load
 exactly the model this step saved and never quantize again.
 """
@@ -14,7 +15,9 @@ import torch
 
 from . import models
 from . import quantize as quantization
+from .buckets import bucket_for
 from .config import ChromaConfig
+from .dataset import read_manifest, usable
 from .device import DeviceInfo
 from .layout import Layout, StepResult
 from .lora import target_modules
@@ -24,13 +27,34 @@ from .storage import combine_hashes, write_json_atomic
 SETTINGS = ("output_dir", *models.MODEL_SETTINGS, "base_model_precision", "base_model_keep_full_precision")
 
 
-def precision_estimates(config: ChromaConfig, model_dir: Path, device: DeviceInfo) -> dict[str, Estimate]:
+def precision_estimates(config: ChromaConfig, model_dir: Path, device: DeviceInfo,
+                        layout: Layout | None = None) -> dict[str, Estimate]:
     """Training and quantizing memory at every precision `auto` may pick, and the configured one."""
     transformer_config = json.loads((model_dir / "transformer" / "config.json").read_text())
-    return estimates_for(config, transformer_config, device)
+    return estimates_for(config, transformer_config, device, layout)
 
 
-def estimates_for(config: ChromaConfig, transformer_config: dict, device: DeviceInfo) -> dict[str, Estimate]:
+def largest_training_bucket(config: ChromaConfig, layout: Layout | None = None) -> tuple[int, int]:
+    """The bucket with the most pixels training will see, over every dataset: from the scanned images
+    when the manifest exists, else the largest any image could get from the datasets' settings."""
+    datasets = {dataset.id: dataset for dataset in config.image_datasets}
+
+    def bucket(dataset, width: int, height: int) -> tuple[int, int]:
+        return bucket_for(width, height, dataset.setting("resolution", config), dataset.setting("resolution_type", config),
+                          dataset.setting("crop_aspect", config))
+
+    buckets = []
+    if layout is not None and layout.manifest.is_file():
+        buckets = [bucket(datasets[row.dataset], row.width, row.height)
+                   for row in usable(read_manifest(layout.manifest)) if row.dataset in datasets]
+    if not buckets:  # not scanned yet: the worst aspect ratio each dataset allows (up to 4:1)
+        buckets = [bucket(dataset, round(aspect * 1000), 1000) for dataset in datasets.values()
+                   for aspect in (1.0, 1.5, 2.0, 3.0, 4.0)]
+    return max(buckets, key=lambda size: size[0] * size[1])
+
+
+def estimates_for(config: ChromaConfig, transformer_config: dict, device: DeviceInfo,
+                  layout: Layout | None = None) -> dict[str, Estimate]:
     """`precision_estimates` from a transformer config alone: no model on disk needed (`configure` uses it)."""
     kept_bytes = torch.finfo(device.compute_dtype(config.mixed_precision)).bits // 8
     candidates = {*AUTO_ORDER, config.base_model_precision} - {"auto"}
@@ -38,7 +62,7 @@ def estimates_for(config: ChromaConfig, transformer_config: dict, device: Device
         precision: estimate(
             transformer_config, precision, keep=tuple(config.base_model_keep_full_precision), rank=config.network_rank,
             lora_pattern=target_modules(config.flux_lora_target, transformer_config["num_single_layers"]),
-            resolution=config.validation_size, batch_size=config.train_batch_size,
+            bucket=largest_training_bucket(config, layout), batch_size=config.train_batch_size,
             text_tokens=config.tokenizer_max_length, gradient_checkpointing=config.gradient_checkpointing,
             bytes_per_kept=kept_bytes,
         )
@@ -46,27 +70,51 @@ def estimates_for(config: ChromaConfig, transformer_config: dict, device: Device
     }
 
 
-def resolve_precision(config: ChromaConfig, layout: Layout, model_dir: Path, device: DeviceInfo) -> tuple[str, str]:
-    """The precision this run uses, and why. An `auto` choice is remembered per model and device,
-    so later steps and later runs agree (and reuse the same quantized model) while it still fits."""
+def decide_precision(config: ChromaConfig, layout: Layout, model_dir: Path, device: DeviceInfo) -> tuple[str, str]:
+    """The precision quantized_base_model quantizes to, and why; the one place `auto` decides.
+
+    An `auto` choice is remembered per model, device and the settings the estimate reads, and
+    kept while it still fits the free memory now, so a re-run reuses the same quantized model.
+    Every later step reads the decision (`decided_precision`) and never re-checks memory: the
+    free memory after training is not what the decision was made on.
+    """
     requested = config.base_model_precision
-    estimates = precision_estimates(config, model_dir, device)
+    estimates = precision_estimates(config, model_dir, device, layout)
     if requested != "auto":
         return choose_precision(requested, estimates, device.kind, 0)
-    memo = layout.models_dir / "auto_precision.json"
-    memo_key = combine_hashes(models.component_identity(model_dir, "transformer"), device.name,
-                              config.settings_hash("network_rank", "flux_lora_target", "train_batch_size", "resolution",
-                                                   "resolution_type", "gradient_checkpointing", "mixed_precision"))
-    remembered = json.loads(memo.read_text()) if memo.is_file() else {}
+    memo_key, remembered = _auto_memo(config, layout, model_dir, device)
     free = device.free_memory_bytes()
     if memo_key in remembered:
         precision, reason = remembered[memo_key]
         if estimates[precision].training_device <= free:
             return precision, reason + " (remembered)"
     precision, reason = choose_precision("auto", estimates, device.kind, free)
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(memo, {**remembered, memo_key: [precision, reason]})
+    write_json_atomic(_memo_path(layout), {**remembered, memo_key: [precision, reason]})
     return precision, reason
+
+
+def decided_precision(config: ChromaConfig, layout: Layout, model_dir: Path, device: DeviceInfo) -> tuple[str, str]:
+    """The precision the base model was quantized to: what training, the grid and the checks load."""
+    if config.base_model_precision != "auto":
+        return config.base_model_precision, f"base_model_precision is {config.base_model_precision!r}"
+    memo_key, remembered = _auto_memo(config, layout, model_dir, device)
+    if memo_key not in remembered:
+        raise RuntimeError("base_model_precision 'auto' has not been decided for this model, device and settings: "
+                           "materialize quantized_base_model first (it decides once, and every later step reads it)")
+    precision, reason = remembered[memo_key]
+    return precision, reason
+
+
+def _memo_path(layout: Layout) -> Path:
+    return layout.models_dir / "auto_precision.json"
+
+
+def _auto_memo(config: ChromaConfig, layout: Layout, model_dir: Path, device: DeviceInfo) -> tuple[str, dict]:
+    memo_key = combine_hashes(models.component_identity(model_dir, "transformer"), device.name,
+                              config.settings_hash("network_rank", "flux_lora_target", "train_batch_size", "resolution",
+                                                   "resolution_type", "gradient_checkpointing", "mixed_precision"))
+    memo = _memo_path(layout)
+    return memo_key, (json.loads(memo.read_text()) if memo.is_file() else {})
 
 
 def quantized_key(config: ChromaConfig, model_dir: Path, device: DeviceInfo, precision: str) -> str:
@@ -78,8 +126,8 @@ def quantized_key(config: ChromaConfig, model_dir: Path, device: DeviceInfo, pre
 
 def build_quantized(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=print) -> StepResult:
     model_dir = models.resolve_model_dir(config, layout.models_dir)
-    precision, reason = resolve_precision(config, layout, model_dir, device)
-    needs = precision_estimates(config, model_dir, device)[precision]
+    precision, reason = decide_precision(config, layout, model_dir, device)
+    needs = precision_estimates(config, model_dir, device, layout)[precision]
     log(f"{reason}; {needs.describe()}")
     about = {"precision": precision, "reason": reason, "estimate": needs}
     if precision == "no_change":  # nothing to save: later steps load the original weights
@@ -109,17 +157,20 @@ def build_quantized(config: ChromaConfig, layout: Layout, device: DeviceInfo, lo
         else:
             manifest = quantization.quantize_to_folder(model_dir / "transformer", precision, folder, source, dtype=dtype,
                                                        device=on_device, keep=keep, log=log)
-    manifest["peak_host_bytes"] = host.added
-    write_json_atomic(folder / "manifest.json", manifest)  # the folder is complete; this only adds the figure
-    log(f"saved {precision} transformer to {folder} ({manifest['bytes'] / 2**20:.1f} MiB, host RAM peak "
-        f"+{host.added / 2**30:.2f} GiB, {manifest['seconds']:.1f}s)")
+    # Both, named as what they are: a user sizing a machine needs the process peak; the rise is
+    # what quantizing itself added to whatever the process already held.
+    manifest["peak_host_bytes"], manifest["host_rise_bytes"] = host.peak, host.added
+    write_json_atomic(folder / "manifest.json", manifest)  # the folder is complete; this only adds the figures
+    log(f"saved {precision} transformer to {folder} ({manifest['bytes'] / 2**20:.1f} MiB, process peak "
+        f"{host.peak / 2**30:.2f} GiB of host RAM, +{host.added / 2**30:.2f} GiB while quantizing, "
+        f"{manifest['seconds']:.1f}s)")
     return StepResult(key, folder, {**manifest, **about, "reused": False})
 
 
 def load_base_transformer(config: ChromaConfig, layout: Layout, device: DeviceInfo, precision: str | None = None):
     """The transformer as quantized_base_model saved it; never quantizes again."""
     model_dir = models.resolve_model_dir(config, layout.models_dir)
-    precision = precision or resolve_precision(config, layout, model_dir, device)[0]
+    precision = precision or decided_precision(config, layout, model_dir, device)[0]
     if precision == "no_change":
         dtype = device.compute_dtype(config.mixed_precision)
         return models.load_transformer(model_dir, dtype).to(device.torch_device)
@@ -130,4 +181,4 @@ def load_base_transformer(config: ChromaConfig, layout: Layout, device: DeviceIn
 def base_model_key(config: ChromaConfig, layout: Layout, device: DeviceInfo) -> str:
     """The key of the base model later steps train and render on."""
     model_dir = models.resolve_model_dir(config, layout.models_dir)
-    return quantized_key(config, model_dir, device, resolve_precision(config, layout, model_dir, device)[0])
+    return quantized_key(config, model_dir, device, decided_precision(config, layout, model_dir, device)[0])

@@ -24,7 +24,7 @@ from .image_latents import build_latents
 from .layout import Layout
 from .lora_adapter import adapter_report, build_adapter
 from .models import resolve_model_dir
-from .quantized_base import build_quantized, resolve_precision
+from .quantized_base import build_quantized, decided_precision
 from .raw_dataset import build_manifest
 from .report import as_pipes_metadata
 from .text_embeddings import build_embeddings
@@ -49,13 +49,6 @@ def main(argv: list[str] | None = None) -> int:
         requested = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"  # one GPU per process, whatever was pinned
     device = detect_device(requested)
     state = process_state(device)
-    if state.num_processes > 1 and config.base_model_precision == "auto":
-        # Every rank must train on the same base model: rank 0 decides (and remembers) for all.
-        from accelerate.utils import broadcast_object_list
-
-        model_dir = resolve_model_dir(config, layout.models_dir)
-        chosen = [resolve_precision(config, layout, model_dir, device)[0] if state.is_main_process else None]
-        config = config.model_copy(update={"base_model_precision": broadcast_object_list(chosen)[0]})
     with contextlib.ExitStack() as stack:
         log, pipes = print, None
         if state.is_main_process and os.environ.get("DAGSTER_PIPES_CONTEXT"):  # only rank 0 talks to Dagster
@@ -73,6 +66,14 @@ def main(argv: list[str] | None = None) -> int:
             for step in (build_latents, build_embeddings, build_quantized):
                 step(config, layout, device, log=log)
         state.wait_for_everyone()
+        if state.num_processes > 1 and config.base_model_precision == "auto":
+            # Every rank trains on the base model quantized_base_model decided on (its record may sit
+            # on another machine's disk): rank 0 reads the decision and tells the others.
+            from accelerate.utils import broadcast_object_list
+
+            model_dir = resolve_model_dir(config, layout.models_dir)
+            chosen = [decided_precision(config, layout, model_dir, device)[0] if state.is_main_process else None]
+            config = config.model_copy(update={"base_model_precision": broadcast_object_list(chosen)[0]})
         result = build_adapter(config, layout, device, log=log, progress_bar=log is print)
         if pipes is not None:
             pipes.report_asset_materialization(metadata=as_pipes_metadata(adapter_report(result)),

@@ -172,7 +172,25 @@ def test_the_asset_reports_precision_size_parameters_peak_memory_and_time(small_
     config = load_config(small_project, base_model_precision="int4-quanto")
     stats = build_quantized(config, Layout(Path(config.output_dir)), detect_device("cpu")).stats
     assert stats["bytes"] > 0 and stats["quantized_parameters"] > 0 and stats["kept_parameters"] > 0
-    assert stats["peak_host_bytes"] >= 0 and stats["seconds"] > 0
+    # The process peak (what a machine must have) and the rise quantizing added, both named.
+    assert stats["peak_host_bytes"] > stats["host_rise_bytes"] >= 0 and stats["seconds"] > 0
+
+
+def test_auto_decides_once_and_later_steps_read_the_decision_whatever_memory_is_free_then(small_project, monkeypatch):
+    """Training leaves tensors in the CUDA cache; the adapter and grid keys must not move because of it."""
+    from chroma_pipeline.device import DeviceInfo
+    from chroma_pipeline.quantized_base import base_model_key
+
+    config = load_config(small_project, base_model_precision="auto")
+    layout, device = Layout(Path(config.output_dir)), detect_device("cpu")
+    with pytest.raises(RuntimeError, match="materialize quantized_base_model first"):
+        base_model_key(config, layout, device)  # nothing decided yet: later steps do not guess
+    monkeypatch.setattr(DeviceInfo, "free_memory_bytes", lambda self: 64 * 2**30)
+    decided = build_quantized(config, layout, device).stats["precision"]
+    before = base_model_key(config, layout, device)
+    monkeypatch.setattr(DeviceInfo, "free_memory_bytes", lambda self: 2**20)  # later: almost nothing free
+    assert base_model_key(config, layout, device) == before  # read, not decided again (which would fail here)
+    assert decided == "no_change"
 
 
 def test_training_that_cannot_fit_is_refused_before_the_model_loads(small_project, monkeypatch):
@@ -187,3 +205,104 @@ def test_training_that_cannot_fit_is_refused_before_the_model_loads(small_projec
     config = load_config(small_project)
     with pytest.raises(MemoryError, match=r"training a rank-8 LoRA at int8-quanto needs about .* GiB but only 0.0 GiB"):
         adapter_step.build_adapter(config, Layout(Path(config.output_dir)), detect_device("cpu"))
+
+
+def test_the_training_estimate_uses_the_largest_training_bucket_not_the_preview_size(tmp_path):
+    """A 512 preview of 1024 training must not size activations for 512: that underestimates them 4x."""
+    from chroma_pipeline.quantized_base import estimates_for, largest_training_bucket
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "backend.json").write_text(json.dumps([
+        {"id": "small", "instance_data_dir": "a", "resolution": 512}, {"id": "large", "instance_data_dir": "b",
+                                                                      "resolution": 1024}]))
+    (tmp_path / "config.json").write_text(json.dumps({"data_backend_config": "backend.json", "validation_resolution": 512,
+                                                      "base_model_precision": "int8-quanto", "output_dir": "out"}))
+    config = load_config(tmp_path / "config.json")
+    width, height = largest_training_bucket(config)  # the larger dataset's widest bucket (64-px grid)
+    assert 1024 * 1024 <= width * height <= 1.05 * 1024 * 1024
+    device = detect_device("cpu")
+    ours = estimates_for(config, CHROMA1, device)["int8-quanto"]
+    at = lambda bucket: estimate(CHROMA1, "int8-quanto", keep=KEEP_FULL_PRECISION, lora_pattern=target_modules("all", 38),  # noqa: E731
+                                 bucket=bucket, bytes_per_kept=4).activations
+    assert ours.activations == at((width, height)) > 3 * at((512, 512))
+    # resolution_type pixel with nothing scanned yet: the widest bucket the settings allow (4:1).
+    wide = config_from_dict({"resolution": 512, "resolution_type": "pixel"})
+    assert largest_training_bucket(wide) == (2048, 512)
+
+
+class _RecordingCuda:
+    """Stands in for torch.cuda's memory queries and records which device each was asked about."""
+
+    def __init__(self):
+        self.asked = []
+
+    def mem_get_info(self, device=None):
+        self.asked.append(("mem_get_info", device))
+        return 8 * 2**30, 16 * 2**30
+
+    def reset_peak_memory_stats(self, device=None):
+        self.asked.append(("reset_peak_memory_stats", device))
+
+    def max_memory_allocated(self, device=None):
+        self.asked.append(("max_memory_allocated", device))
+        return 0
+
+
+def test_memory_queries_ask_the_pinned_gpu_not_gpu_zero(monkeypatch):
+    from chroma_pipeline.device import DeviceInfo
+
+    cuda = _RecordingCuda()
+    for name in ("mem_get_info", "reset_peak_memory_stats", "max_memory_allocated"):
+        monkeypatch.setattr(torch.cuda, name, getattr(cuda, name))
+    pinned = DeviceInfo("cuda", "GPU 1", "cuda:1")  # CHROMA_DEVICE=cuda:1
+    pinned.free_memory_bytes(), pinned.reset_peak_memory(), pinned.peak_memory_bytes()
+    assert cuda.asked == [("mem_get_info", "cuda:1"), ("reset_peak_memory_stats", "cuda:1"),
+                          ("max_memory_allocated", "cuda:1")]
+
+
+def test_quantizing_on_the_cpu_for_a_gpu_run_stores_the_gpus_compute_dtype(small_project, monkeypatch):
+    """offload_during_startup: the CPU quantizes, but training runs on the GPU in bf16: store bf16, not fp32."""
+    from safetensors import safe_open
+
+    from chroma_pipeline.device import DeviceInfo
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a, **k: None)
+    gpu = DeviceInfo("cuda", "a GPU", "cuda:0")
+    config = load_config(small_project, base_model_precision="int8-quanto", offload_during_startup=True)
+    result = build_quantized(config, Layout(Path(config.output_dir)), gpu)
+    dtypes = set()
+    for shard in Path(result.path).rglob("*.safetensors"):
+        with safe_open(str(shard), "pt") as handle:
+            dtypes |= {handle.get_slice(k).get_dtype() for k in handle.keys()}
+    assert "F32" not in dtypes and "BF16" in dtypes  # int8 data with bf16 scales and kept layers
+
+
+def test_bitsandbytes_keeps_the_layers_quanto_keeps_and_quantizes_every_blocks_proj_out(monkeypatch):
+    """diffusers' own replacement decides which layers bitsandbytes converts; only its kernels are faked here,
+    so no GPU (or bitsandbytes) is needed to see which of the real Chroma1's layers it would convert."""
+    import types
+
+    from accelerate import init_empty_weights
+    from diffusers import BitsAndBytesConfig, ChromaTransformer2DModel
+    from diffusers.quantizers.bitsandbytes import utils as bnb_utils
+
+    class FakeLinear4bit(torch.nn.Module):
+        def __init__(self, *args, **kwargs):
+            super().__init__()
+
+    fake = types.SimpleNamespace(nn=types.SimpleNamespace(Linear4bit=FakeLinear4bit, Linear8bitLt=FakeLinear4bit))
+    monkeypatch.setattr(bnb_utils, "bnb", fake, raising=False)
+    skip, quantized_anyway = quantize_module.bnb_skip_modules(KEEP_FULL_PRECISION, quantize_module.linear_names(CHROMA1))
+    with init_empty_weights():
+        model = ChromaTransformer2DModel.from_config(CHROMA1)
+    # int8's path (nf4 adds the same name check); a 4-bit config would look for bitsandbytes' version here.
+    config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    bnb_utils._replace_with_bnb_linear(model, modules_to_not_convert=list(skip), quantization_config=config)
+    linear = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    single_outputs = {f"single_transformer_blocks.{i}.proj_out" for i in range(38)}
+    assert single_outputs.isdisjoint(linear)  # all 38 quantized (1.8 B parameters not left in bf16)
+    assert linear == {n for n in quantize_module.linear_names(CHROMA1) if quantize_module.is_kept(n, KEEP_FULL_PRECISION)
+                      } - set(quantized_anyway)  # exactly quanto's kept layers, less what cannot be named alone
+    assert quantized_anyway == ["proj_out"]  # the final output layer: 0.2 M parameters
