@@ -174,6 +174,7 @@ def test_the_asset_reports_precision_size_parameters_peak_memory_and_time(small_
     assert stats["bytes"] > 0 and stats["quantized_parameters"] > 0 and stats["kept_parameters"] > 0
     # The process peak (what a machine must have) and the rise quantizing added, both named.
     assert stats["peak_host_bytes"] > stats["host_rise_bytes"] >= 0 and stats["seconds"] > 0
+    assert stats["peak_host_bytes"] < stats["estimate"].quantize_host_peak  # the step stays within its own estimate
 
 
 def test_auto_decides_once_and_later_steps_read_the_decision_whatever_memory_is_free_then(small_project, monkeypatch):
