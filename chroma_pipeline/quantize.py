@@ -26,7 +26,7 @@ from .storage import atomic_dir, combine_hashes, write_json_atomic
 # Quantized tensors go to disk in shards of this size, so the host never holds the whole result
 # (safetensors' writer briefly copies a shard, so a small shard keeps that copy small too).
 # Results wait in memory until a shard is written: small shards keep that wait small (measured with
-# int4 on 2 + 4 real-width blocks: peak 2.51 GiB at 512 MB shards, 1.93 GiB at 128 MB).
+# int4 on 2 + 4 real-width blocks: peak 2.47 GiB at 512 MB shards, 1.93 GiB at 128 MB).
 SHARD_BYTES = 128 * 2**20
 QUANTO_PRECISIONS = ("int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto")
 BNB_PRECISIONS = ("nf4-bnb", "int8-bnb")
@@ -62,7 +62,10 @@ def library_version(precision: str) -> str:
 
 
 def quantized_model_key(transformer_identity: str, precision: str, dtype: torch.dtype, keep=KEEP_FULL_PRECISION) -> str:
-    return combine_hashes(transformer_identity, precision, str(dtype), ",".join(keep), library_version(precision))
+    parts = [transformer_identity, precision, str(dtype), ",".join(keep), library_version(precision)]
+    if precision in BNB_PRECISIONS:  # its kept layers changed (every block's proj_out is quantized now): quantize again
+        parts.append("bnb skip list by full name")
+    return combine_hashes(*parts)
 
 
 def check_available(precision: str, device_kind: str, backends: tuple[str, ...]) -> None:
@@ -287,22 +290,22 @@ def linear_names(transformer_config: dict) -> list[str]:
 def bnb_skip_modules(keep: tuple[str, ...], linear_names: list[str]) -> tuple[list[str], list[str]]:
     """The `llm_int8_skip_modules` that keep what the quanto path keeps, and what cannot be kept.
 
-    diffusers skips a layer when its own name (the last part) is in the list, or when an entry is
-    its full name or a prefix of it. A kept top-level layer named like the blocks' layers
-    (`proj_out`, also every single block's output) cannot be named alone: listing it would keep
-    all 38 of those (1.8 B parameters in bf16). Such names are left out and reported instead.
+    diffusers skips a layer when its own name (the last part) is in the list, or when an entry
+    equals its full name or appears in it followed by a dot. So the list holds the kept layers'
+    full names; a kept layer whose full name is also another layer's own name (`proj_out`, the
+    model's output, is also every single block's output) cannot be listed without keeping those
+    too (1.8 B parameters in bf16): it is left out and reported instead.
     """
     kept = [name for name in linear_names if is_kept(name, keep)]
-    others = {name.rsplit(".", 1)[-1] for name in linear_names if not is_kept(name, keep)}
-    skip, quantized_anyway = [], []
-    for pattern in keep:
-        prefix = pattern.rstrip("*").rstrip(".")
-        reached = [name for name in kept if name == prefix or name.startswith(prefix + ".") or fnmatch.fnmatch(name, pattern)]
-        if prefix in others and prefix in reached:
-            quantized_anyway.append(prefix)
-        elif reached:
-            skip.append(prefix)
-    return skip, quantized_anyway
+    own_names_of_others = {name.rsplit(".", 1)[-1] for name in linear_names if not is_kept(name, keep)}
+    skip = [name for name in kept if name not in own_names_of_others]
+    return skip, [name for name in kept if name in own_names_of_others]
+
+
+def diffusers_would_skip(name: str, skip: list[str]) -> bool:
+    """diffusers' bitsandbytes rule (quantizers/bitsandbytes/utils.py), for checking a skip list."""
+    own = name.rsplit(".", 1)[-1]
+    return own in skip or any(key + "." in name or key == name for key in skip)
 
 
 def quantize_bnb_to_folder(transformer_dir: Path, precision: str, target: Path, source: dict, dtype: torch.dtype,
@@ -312,7 +315,12 @@ def quantize_bnb_to_folder(transformer_dir: Path, precision: str, target: Path, 
 
     started = time.perf_counter()
     config = json.loads((transformer_dir / "config.json").read_text())
-    skip, quantized_anyway = bnb_skip_modules(keep, linear_names(config))
+    names = linear_names(config)
+    skip, quantized_anyway = bnb_skip_modules(keep, names)
+    wrongly = [n for n in names if diffusers_would_skip(n, skip) != (is_kept(n, keep) and n not in quantized_anyway)]
+    if wrongly:
+        raise ValueError(f"base_model_keep_full_precision {list(keep)}: bitsandbytes cannot keep exactly these layers "
+                         f"({wrongly[:3]} would come out otherwise); use a quanto precision for this list")
     if quantized_anyway:
         log(f"bitsandbytes keeps modules by their own name: {', '.join(quantized_anyway)} share theirs with the blocks' "
             "layers, so they are quantized too (keeping them would keep every block's)")

@@ -36,20 +36,20 @@ def precision_estimates(config: ChromaConfig, model_dir: Path, device: DeviceInf
 
 def largest_training_bucket(config: ChromaConfig, layout: Layout | None = None) -> tuple[int, int]:
     """The bucket with the most pixels training will see, over every dataset: from the scanned images
-    when the manifest exists, else the largest any image could get from the datasets' settings."""
-    datasets = {dataset.id: dataset for dataset in config.image_datasets}
-
+    of each dataset the manifest has rows for, else that dataset's square bucket (before its scan;
+    training checks the fit again with the real buckets)."""
     def bucket(dataset, width: int, height: int) -> tuple[int, int]:
         return bucket_for(width, height, dataset.setting("resolution", config), dataset.setting("resolution_type", config),
                           dataset.setting("crop_aspect", config))
 
-    buckets = []
+    scanned: dict[str, list] = {}
     if layout is not None and layout.manifest.is_file():
-        buckets = [bucket(datasets[row.dataset], row.width, row.height)
-                   for row in usable(read_manifest(layout.manifest)) if row.dataset in datasets]
-    if not buckets:  # not scanned yet: the worst aspect ratio each dataset allows (up to 4:1)
-        buckets = [bucket(dataset, round(aspect * 1000), 1000) for dataset in datasets.values()
-                   for aspect in (1.0, 1.5, 2.0, 3.0, 4.0)]
+        for row in usable(read_manifest(layout.manifest)):
+            scanned.setdefault(row.dataset, []).append(row)
+    buckets = []
+    for dataset in config.image_datasets:
+        rows = scanned.get(dataset.id)
+        buckets += [bucket(dataset, row.width, row.height) for row in rows] if rows else [bucket(dataset, 1000, 1000)]
     return max(buckets, key=lambda size: size[0] * size[1])
 
 
@@ -70,19 +70,26 @@ def estimates_for(config: ChromaConfig, transformer_config: dict, device: Device
     }
 
 
-def decide_precision(config: ChromaConfig, layout: Layout, model_dir: Path, device: DeviceInfo) -> tuple[str, str]:
-    """The precision quantized_base_model quantizes to, and why; the one place `auto` decides.
+def decide_precision(config: ChromaConfig, layout: Layout, model_dir: Path, device: DeviceInfo,
+                     recheck: bool = True) -> tuple[str, str]:
+    """The precision this run's base model has, and why; for `auto`, the decision and its record.
 
-    An `auto` choice is remembered per model, device and the settings the estimate reads, and
-    kept while it still fits the free memory now, so a re-run reuses the same quantized model.
-    Every later step reads the decision (`decided_precision`) and never re-checks memory: the
-    free memory after training is not what the decision was made on.
+    `auto` is decided when `quantized_base_model` runs (`recheck`: a remembered choice is kept
+    while it still fits the free memory now, so a re-run reuses the same quantized model) and
+    remembered per transformer, device, dtype and kept layers: what names the quantized model.
+    Training, the grid and the checks read that record (`decided_precision`) and never re-check
+    memory, which after training is not what the decision was made on; if a training setting
+    changed so much that the model no longer fits, training's own fit check says so. Only when
+    nothing was recorded yet (a run that skipped quantized_base_model) do they decide here.
     """
     requested = config.base_model_precision
-    estimates = precision_estimates(config, model_dir, device, layout)
     if requested != "auto":
-        return choose_precision(requested, estimates, device.kind, 0)
+        return requested, f"base_model_precision is {requested!r}"
     memo_key, remembered = _auto_memo(config, layout, model_dir, device)
+    if memo_key in remembered and not recheck:
+        precision, reason = remembered[memo_key]
+        return precision, reason
+    estimates = precision_estimates(config, model_dir, device, layout)
     free = device.free_memory_bytes()
     if memo_key in remembered:
         precision, reason = remembered[memo_key]
@@ -94,15 +101,8 @@ def decide_precision(config: ChromaConfig, layout: Layout, model_dir: Path, devi
 
 
 def decided_precision(config: ChromaConfig, layout: Layout, model_dir: Path, device: DeviceInfo) -> tuple[str, str]:
-    """The precision the base model was quantized to: what training, the grid and the checks load."""
-    if config.base_model_precision != "auto":
-        return config.base_model_precision, f"base_model_precision is {config.base_model_precision!r}"
-    memo_key, remembered = _auto_memo(config, layout, model_dir, device)
-    if memo_key not in remembered:
-        raise RuntimeError("base_model_precision 'auto' has not been decided for this model, device and settings: "
-                           "materialize quantized_base_model first (it decides once, and every later step reads it)")
-    precision, reason = remembered[memo_key]
-    return precision, reason
+    """The precision quantized_base_model decided on: what training, the grid and the checks load."""
+    return decide_precision(config, layout, model_dir, device, recheck=False)
 
 
 def _memo_path(layout: Layout) -> Path:
@@ -110,9 +110,9 @@ def _memo_path(layout: Layout) -> Path:
 
 
 def _auto_memo(config: ChromaConfig, layout: Layout, model_dir: Path, device: DeviceInfo) -> tuple[str, dict]:
-    memo_key = combine_hashes(models.component_identity(model_dir, "transformer"), device.name,
-                              config.settings_hash("network_rank", "flux_lora_target", "train_batch_size", "resolution",
-                                                   "resolution_type", "gradient_checkpointing", "mixed_precision"))
+    memo_key = combine_hashes("auto", models.component_identity(model_dir, "transformer"), device.name,
+                              str(device.compute_dtype(config.mixed_precision)),
+                              ",".join(config.base_model_keep_full_precision))
     memo = _memo_path(layout)
     return memo_key, (json.loads(memo.read_text()) if memo.is_file() else {})
 
