@@ -7,7 +7,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import chroma_pipeline.lora_adapter as adapter_step
 import chroma_pipeline.quantize as quantize_module
 import chroma_pipeline.quantized_base as base_step
 from chroma_pipeline import flow
@@ -19,7 +18,6 @@ from chroma_pipeline.memory import AUTO_ORDER, choose_precision, estimate
 from chroma_pipeline.models import load_transformer
 from chroma_pipeline.quantize import QuantizationUnavailable
 from chroma_pipeline.quantized_base import build_quantized
-from tests.conftest import CACHE_STEPS
 
 # Relative error of the transformer's output against fp32, per precision, on the tiny model.
 TOLERANCE = {"int8-quanto": 0.02, "fp8-quanto": 0.05, "int4-quanto": 0.1, "int2-quanto": 0.8}
