@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import chroma_pipeline.lora_adapter as adapter_step
 import chroma_pipeline.quantize as quantize_module
 import chroma_pipeline.quantized_base as base_step
 from chroma_pipeline import flow
@@ -18,6 +19,7 @@ from chroma_pipeline.memory import AUTO_ORDER, choose_precision, estimate
 from chroma_pipeline.models import load_transformer
 from chroma_pipeline.quantize import QuantizationUnavailable
 from chroma_pipeline.quantized_base import build_quantized
+from tests.conftest import CACHE_STEPS
 
 # Relative error of the transformer's output against fp32, per precision, on the tiny model.
 TOLERANCE = {"int8-quanto": 0.02, "fp8-quanto": 0.05, "int4-quanto": 0.1, "int2-quanto": 0.8}
@@ -190,6 +192,20 @@ def test_auto_decides_once_and_later_steps_read_the_decision_whatever_memory_is_
     # A training setting changed since: only lora_adapter re-runs, and it still finds the decision.
     retrained = config.model_copy(update={"network_rank": 4})
     assert base_model_key(retrained, layout, device) == before
+
+
+def test_training_that_cannot_fit_is_refused_before_the_model_loads(small_project, monkeypatch):
+    from dagster import DagsterInstance
+
+    from assets.definitions import materialize_chain
+    from chroma_pipeline.device import DeviceInfo
+
+    assert materialize_chain(str(small_project), DagsterInstance.ephemeral(), selection=CACHE_STEPS, device="cpu").success
+    monkeypatch.setattr(DeviceInfo, "free_memory_bytes", lambda self: 2**20)
+    monkeypatch.setattr(adapter_step, "load_base_transformer", lambda *a, **k: pytest.fail("must stop before loading"))
+    config = load_config(small_project)
+    with pytest.raises(MemoryError, match=r"training a rank-8 LoRA at int8-quanto needs about .* GiB but only 0.0 GiB"):
+        adapter_step.build_adapter(config, Layout(Path(config.output_dir)), detect_device("cpu"))
 
 
 def test_the_training_estimate_uses_the_largest_training_bucket_not_the_preview_size(tmp_path):
