@@ -129,6 +129,7 @@ def main() -> None:
     goal = 1.3 * quantized + block
     ratio = results["stream"]["peak_rss"] / results["whole"]["peak_rss"]
     print(f"\n(b) / (a) peak RSS: {ratio:.2f}")
+    print(f"(b) peak RSS / quantized size: {results['stream']['peak_rss'] / quantized:.2f}")
     print(f"goal for (b): <= 1.3 x {quantized / GIB:.2f} + one bf16 block {block / GIB:.2f} = {goal / GIB:.2f} GiB: "
           f"{'met' if results['stream']['peak_rss'] <= goal else 'NOT met'} ({results['stream']['peak_rss'] / GIB:.2f})")
 
