@@ -3,7 +3,6 @@ from collections import Counter
 
 from dagster import AssetExecutionContext, AssetKey, AssetSpec, DataVersion, MaterializeResult, MetadataValue, multi_asset
 
-from chroma_pipeline.buckets import bucket_for
 from chroma_pipeline.fingerprint import fingerprint_config_datasets
 from chroma_pipeline.raw_dataset import build_manifest
 from resources import ArtifactStore, ChromaConfigResource
@@ -95,11 +94,9 @@ def _per_dataset(config, rows) -> dict:
         mine = [row for row in rows if row.dataset == dataset.id]
         ok = [row for row in mine if row.status == "ok"]
         reasons = Counter(row.skip_reason.split(" of ")[0] for row in mine if row.status != "ok")
-        resolution = dataset.setting("resolution", config)
-        resolution_type = dataset.setting("resolution_type", config)
-        crop_aspect = dataset.setting("crop_aspect", config)
-        buckets = Counter("{}x{}".format(*bucket_for(r.width, r.height, resolution, resolution_type, crop_aspect)) for r in ok)
-        summary.append([dataset.id, str(dataset.root), f"{resolution:g} {resolution_type}", len(ok), len(mine) - len(ok),
+        buckets = Counter("{}x{}".format(*dataset.bucket(r.width, r.height, config)) for r in ok)
+        resolution = f"{dataset.setting('resolution', config):g} {dataset.setting('resolution_type', config)}"
+        summary.append([dataset.id, str(dataset.root), resolution, len(ok), len(mine) - len(ok),
                         ", ".join(f"{n} {reason}" for reason, n in reasons.items()) or "-",
                         dataset.setting("repeats", config), f"{dataset.probability:g}"])
         tables[f"buckets: {dataset.id}"] = markdown_table(["bucket", "images"], sorted(buckets.items()))

@@ -8,8 +8,9 @@ process so peaks do not mix:
   (a) whole:  ChromaTransformer2DModel.from_pretrained (all bf16 weights in RAM), then quantize
   (b) stream: chroma_pipeline.quantize.quantize_to_folder (one bf16 block at a time)
 
-and prints peak RSS, time, the quantized size on disk, the goal for (b) (peak <= 1.3 x quantized
-size + one bf16 block) and what the estimate says for the full 8.9B Chroma1.
+(3 alternating runs of each by default) and prints the median and range of peak RSS and time,
+the quantized size on disk, the goal for (b) (median peak <= 1.3 x quantized size + one bf16
+block) and what the estimate says for the full 8.9B Chroma1.
 
     python benchmarks/quantization.py [--precision int8-quanto] [--double 4 --single 8]
 """
@@ -19,6 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -82,11 +85,17 @@ def run_one(mode: str, checkpoint: Path, output: Path, precision: str) -> dict:
     return {"seconds": seconds, "peak_rss": peak, "runtime": runtime, "bytes": manifest["bytes"]}
 
 
+def spread(runs: list[dict], key: str, scale: float = 1.0) -> str:
+    values = [run[key] / scale for run in runs]
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--precision", default="int8-quanto")
     parser.add_argument("--double", type=int, default=4, help="double-stream blocks (Chroma1 has 19)")
     parser.add_argument("--single", type=int, default=8, help="single-stream blocks (Chroma1 has 38)")
+    parser.add_argument("--runs", type=int, default=3, help="fresh-process runs of each path, alternating")
     parser.add_argument("--mode", choices=["whole", "stream"], help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, help=argparse.SUPPRESS)
@@ -106,25 +115,28 @@ def main() -> None:
         size = make_checkpoint(checkpoint, args.double, args.single)
         print(f"synthetic checkpoint: {args.double} double + {args.single} single blocks at Chroma1 width, "
               f"{size / GIB:.2f} GiB in bf16, written in {time.perf_counter() - started:.0f}s")
-        results = {}
-        for mode in ("whole", "stream"):
-            child = subprocess.run(
-                [sys.executable, __file__, "--mode", mode, "--checkpoint", str(checkpoint),
-                 "--output", str(Path(tmp) / f"out-{mode}"), "--precision", args.precision],
-                capture_output=True, text=True,
-            )
-            if child.returncode:
-                raise SystemExit(f"the {mode} path failed:\n{child.stderr[-3000:]}")
-            results[mode] = json.loads(child.stdout.strip().splitlines()[-1])
+        runs = {"whole": [], "stream": []}
+        for number in range(args.runs):  # alternating, so a slow spell of the machine hits both paths
+            for mode in ("whole", "stream"):
+                child = subprocess.run(
+                    [sys.executable, __file__, "--mode", mode, "--checkpoint", str(checkpoint),
+                     "--output", str(Path(tmp) / f"out-{mode}-{number}"), "--precision", args.precision],
+                    capture_output=True, text=True,
+                )
+                if child.returncode:
+                    raise SystemExit(f"the {mode} path failed:\n{child.stderr[-3000:]}")
+                runs[mode].append(json.loads(child.stdout.strip().splitlines()[-1]))
+                shutil.rmtree(Path(tmp) / f"out-{mode}-{number}")
+        results = {mode: {key: statistics.median(r[key] for r in done) for key in done[0]} for mode, done in runs.items()}
         config = {**CHROMA1, "num_layers": args.double, "num_single_layers": args.single}
         block = estimate(config, args.precision, keep=KEEP_FULL_PRECISION).largest_block
 
-    print(f"\n{args.precision}, each path in a fresh process")
-    print(f"{'path':<34}{'peak RSS GiB':>14}{'of which runtime':>18}{'seconds':>10}{'on disk GiB':>13}")
+    print(f"\n{args.precision}, {args.runs} alternating fresh-process runs of each path: median (min-max)")
+    print(f"{'path':<34}{'peak RSS GiB':>20}{'of which runtime':>18}{'seconds':>20}{'on disk GiB':>13}")
     for mode, label in (("whole", "(a) load whole model, quantize"), ("stream", "(b) block by block")):
         r = results[mode]
-        print(f"{label:<34}{r['peak_rss'] / GIB:>14.2f}{r['runtime'] / GIB:>18.2f}{r['seconds']:>10.1f}"
-              f"{r['bytes'] / GIB:>13.2f}")
+        print(f"{label:<34}{spread(runs[mode], 'peak_rss', GIB):>20}{r['runtime'] / GIB:>18.2f}"
+              f"{spread(runs[mode], 'seconds'):>20}{r['bytes'] / GIB:>13.2f}")
     quantized = results["stream"]["bytes"]
     goal = 1.3 * quantized + block
     ratio = results["stream"]["peak_rss"] / results["whole"]["peak_rss"]

@@ -304,14 +304,20 @@ class ChromaConfig(BaseModel):
         return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def read_jsonc_file(path: Path, missing: str, invalid: str, error: type[Exception] = ConfigError):
+    """A JSON/JSONC file's content; `missing` and `invalid` (followed by the parser's reason) say what went wrong."""
+    if not path.is_file():
+        raise error(missing)
+    try:
+        return parse_jsonc(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise error(f"{invalid}: {exc}") from None
+
+
 def read_prompt_library(path: Path) -> list[str]:
     """SimpleTuner's prompt library: an object of name -> prompt or name -> {"prompt": ...}; a list of prompts too."""
-    if not path.is_file():
-        raise ValueError(f"user_prompt_library {path} is not a file; give a JSON file of name -> prompt")
-    try:
-        library = parse_jsonc(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise ValueError(f"user_prompt_library {path} is not valid JSON: {exc}") from None
+    library = read_jsonc_file(path, f"user_prompt_library {path} is not a file; give a JSON file of name -> prompt",
+                              f"user_prompt_library {path} is not valid JSON", error=ValueError)
     entries = list(library.values()) if isinstance(library, dict) else library
     if not isinstance(entries, list):
         entries = [None]
@@ -355,12 +361,8 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> ChromaCo
 def load_config(path: str | Path, **overrides: Any) -> ChromaConfig:
     """Read a JSON/JSONC config file; relative data and output paths resolve against its folder."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path} (run `chroma-demo` for an example, or set CHROMA_CONFIG)")
-    try:
-        values = parse_jsonc(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise ConfigError(f"{path}: not valid JSON (comments are allowed): {exc}") from None
+    values = read_jsonc_file(path, f"config file not found: {path} (run `chroma-demo` for an example, or set CHROMA_CONFIG)",
+                             f"{path}: not valid JSON (comments are allowed)")
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: the top level must be an object of key: value pairs")
     # SimpleTuner's config.json writes its keys as command-line flags ("--model_family").
@@ -404,12 +406,9 @@ def resolve_path(value: str, config_dir: Path, must_exist: bool = True) -> str:
 
 def datasets_from_file(path: Path, config_dir: Path) -> list[dict]:
     """The image datasets of a SimpleTuner dataloader file, their folders made absolute."""
-    if not path.is_file():
-        raise ConfigError(f"`data_backend_config` = {str(path)!r} is not a file; give the path of your multidatabackend.json")
-    try:
-        entries = parse_jsonc(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise ConfigError(f"data_backend_config {path}: not valid JSON: {exc}") from None
+    entries = read_jsonc_file(
+        path, f"`data_backend_config` = {str(path)!r} is not a file; give the path of your multidatabackend.json",
+        f"data_backend_config {path}: not valid JSON")
     return dataset_entries(entries, f"data_backend_config {path}", config_dir)
 
 

@@ -17,6 +17,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .buckets import bucket_for
 from .simpletuner import DATASET_RULES, SimpleTunerKeyError, grouped, translate
 
 SHORTHAND_ID = ""
@@ -110,6 +111,11 @@ class ImageDataset(BaseModel):
                   for key in keys}
         return {key: value.model_dump() if isinstance(value, BaseModel) else value for key, value in values.items()}
 
+    def bucket(self, width: int, height: int, config) -> tuple[int, int]:
+        """The training bucket of a width x height image in this dataset."""
+        return bucket_for(width, height, self.setting("resolution", config), self.setting("resolution_type", config),
+                          self.setting("crop_aspect", config))
+
     @property
     def root(self) -> Path:
         return Path(self.instance_data_dir or self.dataset_name or ".")
@@ -168,8 +174,6 @@ def image_entries(entries, where: str) -> tuple[list[dict], list[str]]:
         if merged.get("only_instance_prompt"):
             merged["caption_strategy"] = "instanceprompt"
         merged.pop("only_instance_prompt", None)
-        if merged.get("type") == "huggingface" and merged.get("caption_strategy") == "huggingface":
-            merged["caption_strategy"] = None  # the dataset's caption column: the scan's default for this type
         try:
             translated = translate(merged, DATASET_RULES, f"{where}: dataset {name!r}",
                                    own_keys=set(ImageDataset.model_fields))

@@ -15,7 +15,6 @@ import torch
 
 from . import models
 from . import quantize as quantization
-from .buckets import bucket_for
 from .config import ChromaConfig
 from .dataset import read_manifest, usable
 from .device import DeviceInfo
@@ -38,10 +37,6 @@ def largest_training_bucket(config: ChromaConfig, layout: Layout | None = None) 
     """The bucket with the most pixels training will see, over every dataset: from the scanned images
     of each dataset the manifest has rows for, else that dataset's square bucket (before its scan;
     training checks the fit again with the real buckets)."""
-    def bucket(dataset, width: int, height: int) -> tuple[int, int]:
-        return bucket_for(width, height, dataset.setting("resolution", config), dataset.setting("resolution_type", config),
-                          dataset.setting("crop_aspect", config))
-
     scanned: dict[str, list] = {}
     if layout is not None and layout.manifest.is_file():
         for row in usable(read_manifest(layout.manifest)):
@@ -49,7 +44,8 @@ def largest_training_bucket(config: ChromaConfig, layout: Layout | None = None) 
     buckets = []
     for dataset in config.image_datasets:
         rows = scanned.get(dataset.id)
-        buckets += [bucket(dataset, row.width, row.height) for row in rows] if rows else [bucket(dataset, 1000, 1000)]
+        buckets += [dataset.bucket(row.width, row.height, config) for row in rows] if rows else [
+            dataset.bucket(1000, 1000, config)]
     return max(buckets, key=lambda size: size[0] * size[1])
 
 
