@@ -63,8 +63,8 @@ def library_version(precision: str) -> str:
 
 def quantized_model_key(transformer_identity: str, precision: str, dtype: torch.dtype, keep=KEEP_FULL_PRECISION) -> str:
     parts = [transformer_identity, precision, str(dtype), ",".join(keep), library_version(precision)]
-    if precision in BNB_PRECISIONS:  # its kept layers changed (every block's proj_out is quantized now): quantize again
-        parts.append("bnb skip list by full name")
+    if precision in BNB_PRECISIONS:  # its kept layers changed (every block's proj_out quantized, the model's kept): redo
+        parts.append("bnb skip list by full name, shared names restored from the checkpoint")
     return combine_hashes(*parts)
 
 
@@ -294,7 +294,7 @@ def bnb_skip_modules(keep: tuple[str, ...], linear_names: list[str]) -> tuple[li
     equals its full name or appears in it followed by a dot. So the list holds the kept layers'
     full names; a kept layer whose full name is also another layer's own name (`proj_out`, the
     model's output, is also every single block's output) cannot be listed without keeping those
-    too (1.8 B parameters in bf16): it is left out and reported instead.
+    too (1.8 B parameters in bf16): it is returned apart, for `restore_kept_layers` to put back.
     """
     kept = [name for name in linear_names if is_kept(name, keep)]
     own_names_of_others = {name.rsplit(".", 1)[-1] for name in linear_names if not is_kept(name, keep)}
@@ -316,14 +316,14 @@ def quantize_bnb_to_folder(transformer_dir: Path, precision: str, target: Path, 
     started = time.perf_counter()
     config = json.loads((transformer_dir / "config.json").read_text())
     names = linear_names(config)
-    skip, quantized_anyway = bnb_skip_modules(keep, names)
-    wrongly = [n for n in names if diffusers_would_skip(n, skip) != (is_kept(n, keep) and n not in quantized_anyway)]
+    skip, shared_names = bnb_skip_modules(keep, names)
+    wrongly = [n for n in names if diffusers_would_skip(n, skip) != (is_kept(n, keep) and n not in shared_names)]
     if wrongly:
         raise ValueError(f"base_model_keep_full_precision {list(keep)}: bitsandbytes cannot keep exactly these layers "
                          f"({wrongly[:3]} would come out otherwise); use a quanto precision for this list")
-    if quantized_anyway:
-        log(f"bitsandbytes keeps modules by their own name: {', '.join(quantized_anyway)} share theirs with the blocks' "
-            "layers, so they are quantized too (keeping them would keep every block's)")
+    if shared_names:
+        log(f"bitsandbytes keeps modules by their own name: {', '.join(shared_names)} share theirs with the blocks' "
+            "layers, so they are put back in full precision from the checkpoint after loading")
     if precision == "nf4-bnb":
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
                                           llm_int8_skip_modules=skip)
@@ -332,19 +332,59 @@ def quantize_bnb_to_folder(transformer_dir: Path, precision: str, target: Path, 
     log(f"loading {transformer_dir} through bitsandbytes ({precision})")
     model = ChromaTransformer2DModel.from_pretrained(transformer_dir, quantization_config=quantization, torch_dtype=dtype,
                                                      use_safetensors=True)
-    total = sum(p.numel() for p in model.parameters())
     with atomic_dir(target) as staging:
         model.save_pretrained(staging / "bnb", safe_serialization=True)
+        save_kept_layers(transformer_dir, shared_names, staging / KEPT_LAYERS_FILE, dtype)
+        restore_kept_layers(model, staging / KEPT_LAYERS_FILE)
+        total = sum(p.numel() for p in model.parameters())
         quantized = sum(m.weight.numel() for m in model.modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt"))
         manifest = {
-            "precision": precision, "kept_full_precision": skip, "quantized_although_kept_by_quanto": quantized_anyway,
-            "quantized_parameters": int(quantized),
+            "precision": precision, "kept_full_precision": skip + shared_names,
+            "restored_from_checkpoint": shared_names, "quantized_parameters": int(quantized),
             "kept_parameters": int(total - quantized), "bitsandbytes": library_version(precision),
             "seconds": round(time.perf_counter() - started, 3),
-            "bytes": sum(f.stat().st_size for f in (staging / "bnb").glob("*.safetensors")), **source,
+            "bytes": sum(f.stat().st_size for f in staging.rglob("*.safetensors")), **source,
         }
         write_json_atomic(staging / "manifest.json", manifest)
     return manifest
+
+
+KEPT_LAYERS_FILE = "kept_layers.safetensors"
+
+
+def save_kept_layers(transformer_dir: Path, layers: list[str], path: Path, dtype: torch.dtype) -> None:
+    """The checkpoint's own weights of `layers`, in `dtype`, for `restore_kept_layers`."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    files = checkpoint_files(transformer_dir)
+    tensors = {}
+    for name in (f"{layer}.{part}" for layer in layers for part in ("weight", "bias")):
+        if name in files:
+            with safe_open(files[name], "pt") as handle:
+                tensors[name] = handle.get_tensor(name).to(dtype).contiguous()
+    save_file(tensors, str(path))
+
+
+def restore_kept_layers(model, path: Path) -> None:
+    """Replace each layer saved in `path` with a plain Linear holding the checkpoint's weights.
+
+    bitsandbytes converted these only because diffusers' skip list matches by a module's own
+    name; putting them back makes the bnb model keep exactly what the quanto path keeps.
+    """
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    for layer in sorted({name.rsplit(".", 1)[0] for name in tensors}):
+        weight, bias = tensors[f"{layer}.weight"], tensors.get(f"{layer}.bias")
+        device = next(p.device for p in model.parameters() if p.device.type != "meta")
+        linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=device, dtype=weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if bias is not None:
+                linear.bias.copy_(bias)
+        parent_name, _, child = layer.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
 
 
 def load_quantized(folder: Path, device: str):
@@ -358,7 +398,9 @@ def load_quantized(folder: Path, device: str):
     if not is_complete(folder):
         raise FileNotFoundError(f"no complete quantized model in {folder}: materialize quantized_base_model first")
     if (folder / "bnb").is_dir():  # bitsandbytes: its config travels in config.json
-        return ChromaTransformer2DModel.from_pretrained(folder / "bnb", use_safetensors=True, device_map={"": device}).eval()
+        model = ChromaTransformer2DModel.from_pretrained(folder / "bnb", use_safetensors=True, device_map={"": device})
+        restore_kept_layers(model, folder / KEPT_LAYERS_FILE)
+        return model.eval()
     with init_empty_weights():
         transformer = ChromaTransformer2DModel.from_config(ChromaTransformer2DModel.load_config(folder))
     qmap = json.loads((folder / "quantization_map.json").read_text())

@@ -324,7 +324,43 @@ def test_bitsandbytes_keeps_the_layers_quanto_keeps_and_quantizes_every_blocks_p
     assert single_outputs.isdisjoint(linear)  # all 38 quantized (1.8 B parameters not left in bf16)
     assert linear == {n for n in quantize_module.linear_names(CHROMA1) if quantize_module.is_kept(n, KEEP_FULL_PRECISION)
                       } - set(quantized_anyway)  # exactly quanto's kept layers, less what cannot be named alone
-    assert quantized_anyway == ["proj_out"]  # the final output layer: 0.2 M parameters
+    assert quantized_anyway == ["proj_out"]  # the final output layer: 0.2 M parameters, put back after loading
+
+
+def test_bitsandbytes_model_gets_its_output_layer_back_from_the_checkpoint(monkeypatch, tiny_model_dir, tmp_path):
+    """The final proj_out cannot be kept through diffusers' skip list, so it is put back after loading: the model
+    then keeps exactly quanto's layers, and the restored layer holds the checkpoint's own weights."""
+    import types
+
+    from diffusers import BitsAndBytesConfig
+    from diffusers.quantizers.bitsandbytes import utils as bnb_utils
+    from safetensors import safe_open
+
+    class FakeLinear8bit(torch.nn.Module):
+        def __init__(self, *args, **kwargs):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1, dtype=torch.int8), requires_grad=False)
+
+    fake = types.SimpleNamespace(nn=types.SimpleNamespace(Linear4bit=FakeLinear8bit, Linear8bitLt=FakeLinear8bit))
+    monkeypatch.setattr(bnb_utils, "bnb", fake, raising=False)
+    transformer_dir = tiny_model_dir / "transformer"
+    model = load_transformer(tiny_model_dir, torch.bfloat16)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    skip, shared_names = quantize_module.bnb_skip_modules(KEEP_FULL_PRECISION, names)
+    config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    bnb_utils._replace_with_bnb_linear(model, modules_to_not_convert=list(skip), quantization_config=config)
+    assert isinstance(model.proj_out, FakeLinear8bit)  # what diffusers alone leaves
+
+    kept_file = tmp_path / quantize_module.KEPT_LAYERS_FILE
+    quantize_module.save_kept_layers(transformer_dir, shared_names, kept_file, torch.bfloat16)
+    quantize_module.restore_kept_layers(model, kept_file)
+
+    linear = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert linear == {n for n in names if quantize_module.is_kept(n, KEEP_FULL_PRECISION)}
+    assert "proj_out" in linear and not any(n.startswith("single_transformer_blocks") for n in linear)
+    with safe_open(str(quantize_module.checkpoint_files(transformer_dir)["proj_out.weight"]), "pt") as handle:
+        assert torch.equal(model.proj_out.weight, handle.get_tensor("proj_out.weight").to(torch.bfloat16))
+    assert model.proj_out.weight.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("keep", [("transformer_blocks.0*",), ("*to_out*",), ("x_embedder", "single_transformer_blocks.3")])
