@@ -2,7 +2,9 @@
 
 Re-materializing drops removed or changed images and captions from the indexes but keeps
 their files, so a step undone (a caption edited back, a setting reverted) is free. This
-command deletes what no current index references, plus temporary files a crash left:
+command deletes what no current index references, plus temporary files a killed process
+left. Entries written after their index (by a run that has not finished, or was killed
+and will resume) are kept:
 
     python -m chroma_pipeline.cleanup --config my-config.jsonc [--dry-run]
 """
@@ -10,13 +12,13 @@ command deletes what no current index references, plus temporary files a crash l
 from __future__ import annotations
 
 import argparse
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from .latents import ENTRY_TENSORS, read_latent_index
 from .layout import Layout
-from .shards import ORPHAN_AGE_SECONDS, ShardStore
+from .shards import ShardStore
+from .storage import left_by_dead_writer
 from .text import entry_file as embedding_file
 from .text import read_embedding_index
 
@@ -28,19 +30,19 @@ class Reclaimed:
 
 
 def unreferenced_files(layout: Layout) -> list[Path]:
-    """Embedding files no index names, and leftovers of interrupted atomic writes.
+    """Embedding files no index names, and temporary files of writes whose process is gone.
 
-    Latents live in shards; `reclaim` compacts those.
+    Latents live in shards; `reclaim` compacts those (their leftovers included).
     """
-    keep = set()
-    if layout.embedding_index.is_file():
-        keep |= {embedding_file(layout.embedding_dir, e.cache_key) for e in read_embedding_index(layout.embedding_index)}
     stale = []
-    if layout.embedding_dir.is_dir():
-        stale += [p for p in layout.embedding_dir.rglob("*") if p.is_file() and p not in keep]
-    if layout.root.is_dir():  # an atomic write in progress is young; one a crash left behind is old
-        old_enough = time.time() - ORPHAN_AGE_SECONDS
-        stale += [p for p in layout.root.rglob(".*.tmp") if p.is_file() and p.stat().st_mtime < old_enough]
+    if layout.embedding_dir.is_dir() and layout.embedding_index.is_file():
+        keep = {embedding_file(layout.embedding_dir, e.cache_key) for e in read_embedding_index(layout.embedding_index)}
+        indexed_at = layout.embedding_index.stat().st_mtime
+        stale += [p for p in layout.embedding_dir.rglob("*.safetensors")
+                  if p not in keep and p.stat().st_mtime <= indexed_at]
+    if layout.root.is_dir():
+        stale += [p for p in layout.root.rglob(".*.tmp")
+                  if p.is_file() and layout.latent_dir not in p.parents and left_by_dead_writer(p)]
     return sorted(set(stale))
 
 
@@ -51,9 +53,10 @@ def reclaim(layout: Layout, dry_run: bool = False) -> Reclaimed:
         result.bytes += path.stat().st_size
         if not dry_run:
             path.unlink()
-    if not dry_run and layout.latent_index.is_file():
+    if layout.latent_index.is_file():
         live = {e.cache_key for e in read_latent_index(layout.latent_index)}
-        files, freed = ShardStore(layout.latent_dir).compact(live, ENTRY_TENSORS)
+        files, freed = ShardStore(layout.latent_dir).compact(
+            live, ENTRY_TENSORS, dry_run=dry_run, keep_newer_than=layout.latent_index.stat().st_mtime)
         result.files += files
         result.bytes += freed
     return result
@@ -72,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         for path in unreferenced_files(layout):
             print(path)
     result = reclaim(layout, dry_run=args.dry_run)
-    verb = "would free" if args.dry_run else "freed"
-    print(f"{result.files} unreferenced cache files, {verb} {result.bytes / 2**20:.1f} MiB")
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{verb} {result.files} unreferenced cache files (latent shards rewritten without their dead entries "
+          f"included), {'would free' if args.dry_run else 'freed'} {result.bytes / 2**20:.1f} MiB")
     return 0
 
 

@@ -167,6 +167,8 @@ def encode_dataset(
     missing = [job for key, job in jobs.items() if load_latent_entry(store, job[0], latent_channels) is None]
     if not missing:
         return entries, {"encoded": 0, "reused": len(entries), "encoded_keys": set()}
+    # After a crash this says how much of the killed run survived (committed chunk by chunk).
+    log(f"{len(jobs) - len(missing)} of {len(jobs)} images have cached latents; encoding {len(missing)}")
 
     by_bucket: dict[tuple[int, int], list] = defaultdict(list)
     for job in missing:

@@ -6,7 +6,9 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -21,13 +23,20 @@ from safetensors.torch import load_file, save_file
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
+_HOST = socket.gethostname().replace(".", "-")
+ORPHAN_AGE_SECONDS = 3600  # a temporary file this old is abandoned even if its writer cannot be checked
+
 
 @contextmanager
 def atomic_path(target: Path):
-    """Yield a temporary path beside `target`; rename it onto `target` only if the block succeeds."""
+    """Yield a temporary path beside `target`; rename it onto `target` only if the block succeeds.
+
+    The temporary name carries the writer's host and pid, so cleanup can tell a write in
+    progress from one a killed process left behind (`left_by_dead_writer`).
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{_HOST}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -52,6 +61,30 @@ def atomic_dir(target: Path):
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def left_by_dead_writer(temporary: Path) -> bool:
+    """Whether an `atomic_path` temporary file is abandoned: its writer died on this host, or it is old.
+
+    A writer on another host (a shared volume) cannot be checked, so only age decides there.
+    """
+    temporary = Path(temporary)
+    try:
+        age = time.time() - temporary.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age > ORPHAN_AGE_SECONDS:
+        return True
+    parts = temporary.name.rsplit(".", 4)  # .<name>.<host>.<pid>.<random>.tmp
+    if len(parts) != 5 or parts[1] != _HOST or not parts[2].isdigit():
+        return False
+    try:
+        os.kill(int(parts[2]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def write_bytes_atomic(target: Path, data: bytes) -> None:

@@ -121,6 +121,8 @@ def encode_texts(
 
     distinct = {e.cache_key: e.text for e in entries.values()}
     missing = [(key, text) for key, text in distinct.items() if load_embedding(cache_dir, key, max_length, width) is None]
+    if missing:  # after a crash this says how much of the killed run survived (each entry is its own file)
+        log(f"{len(distinct) - len(missing)} of {len(distinct)} texts have cached embeddings; encoding {len(missing)}")
     tokenizer, text_encoder = load_encoder() if missing else (None, None)
     started = time.perf_counter()
     for start in range(0, len(missing), batch_size):

@@ -177,17 +177,18 @@ def test_cleanup_reclaims_only_what_no_index_uses(small_project):
     caption = sorted((small_project.parent / "dataset").glob("*.txt"))[1]
     caption.write_text("a new caption")  # an edited caption: the old embedding is unreferenced
     leftover = layout.latent_dir / ".half-written.safetensors.abc.tmp"
-    leftover.write_bytes(b"crash")
-    os.utime(leftover, (0, 0))  # a crash long ago; a young temp file may be a write in progress
+    leftover.write_bytes(b"crash")  # a killed write: only ever made under the store's lock, which cleanup holds
     latents, texts = _run(small_project)
 
-    # The removed image's caption embedding, the edited caption's old embedding, the crash leftover.
-    assert len(unreferenced_files(layout)) == 3
-    assert main(["--config", str(small_project), "--dry-run"]) == 0 and len(unreferenced_files(layout)) == 3
+    # The removed image's caption embedding and the edited caption's old embedding.
+    assert len(unreferenced_files(layout)) == 2
+    predicted = reclaim(layout, dry_run=True)
+    assert main(["--config", str(small_project), "--dry-run"]) == 0 and len(unreferenced_files(layout)) == 2
     shards_before = sum(p.stat().st_size for p in layout.latent_dir.glob("*.safetensors"))
     reclaimed = reclaim(layout)
-    assert reclaimed.files == 3 + 1  # and the latent shard, rewritten without the removed image
-    assert unreferenced_files(layout) == []
+    assert reclaimed.files == predicted.files == 2 + 2  # and the leftover, and the latent shard rewritten
+    assert abs(reclaimed.bytes - predicted.bytes) < 1000  # without the removed image (a new header differs)
+    assert unreferenced_files(layout) == [] and not leftover.exists()
     assert sum(p.stat().st_size for p in layout.latent_dir.glob("*.safetensors")) < shards_before
     again_latents, again_texts = _run(small_project)  # the live caches are intact
     assert again_latents.stats["encoded"] == 0 and again_texts.stats["encoded"] == 0
