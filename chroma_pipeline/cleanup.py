@@ -53,10 +53,14 @@ def reclaim(layout: Layout, dry_run: bool = False) -> Reclaimed:
         result.bytes += path.stat().st_size
         if not dry_run:
             path.unlink()
-    if layout.latent_index.is_file():
-        live = {e.cache_key for e in read_latent_index(layout.latent_index)}
-        files, freed = ShardStore(layout.latent_dir).compact(
-            live, ENTRY_TENSORS, dry_run=dry_run, keep_newer_than=layout.latent_index.stat().st_mtime)
+    if layout.latent_dir.is_dir():
+        if layout.latent_index.is_file():
+            live = {e.cache_key for e in read_latent_index(layout.latent_index)}
+            indexed_at = layout.latent_index.stat().st_mtime
+        else:  # the first latents run has not finished: every committed entry is its work so far
+            live, indexed_at = set(), 0.0
+        files, freed = ShardStore(layout.latent_dir).compact(live, ENTRY_TENSORS, dry_run=dry_run,
+                                                             keep_newer_than=indexed_at)
         result.files += files
         result.bytes += freed
     return result
