@@ -23,6 +23,14 @@ STEP_SETTINGS = {
 }
 
 
+ALL_STEP_SETTINGS = tuple(sorted({name for names in STEP_SETTINGS.values() for name in names}))
+
+
+def steps_reading(settings) -> list[str]:
+    """The steps whose code version one of these settings is part of."""
+    return [step for step, names in STEP_SETTINGS.items() if set(names) & set(settings)]
+
+
 def step_code_version(config: ChromaConfig, step: str) -> str:
     return f"{CODE_VERSION}+{config.settings_hash(*STEP_SETTINGS[step])}"
 

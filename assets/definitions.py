@@ -5,6 +5,12 @@ It is read when the code location loads, to give every asset a code version made
 settings it reads: edit `learning_rate`, reload the code location, and Dagster shows
 `lora_adapter` (only) as unsynced because its code version changed. A config that does not
 load fails the code location with the reason.
+
+The settings the code location loaded travel to every run worker as Dagster reconstruction
+metadata (a worker imports this module afresh, so it would otherwise only see the file as
+it is now). A run whose file changed since the load is refused before any work: its results
+would be recorded under code versions that do not describe them, and the automation sensor
+would then see them as unsynced on every tick.
 """
 
 from __future__ import annotations
@@ -29,17 +35,19 @@ from dagster import (
     map_asset_specs,
 )
 
-from chroma_pipeline.config import ChromaConfig, ConfigError, load_config
+from chroma_pipeline.config import ChromaConfig, ConfigError, load_config, settings_snapshot
 from resources import ArtifactStore, ChromaConfigResource, GPUResource
 
 from . import ALL_ASSETS
-from ._versions import step_code_version
+from ._versions import ALL_STEP_SETTINGS, step_code_version
 from .automation import on_unsynced
 from .checks import ALL_CHECKS
 from .dataset_folder import DATASET_FOLDER, dataset_folder
 from .watch import build_retrain_schedule, dataset_scan, dataset_watch
 
 DEFAULT_CONFIG = "chroma-demo/config.jsonc"
+LOADED_SETTINGS = "chroma/loaded_settings"  # the reconstruction metadata key
+LOAD_FROM_CONTEXT = "from Dagster's load context"
 # Everything, the observed folder included: a full run observes the folder before it scans it.
 EVERYTHING = AssetSelection.assets(DATASET_FOLDER) | AssetSelection.all()
 
@@ -90,13 +98,21 @@ def chain_jobs() -> list:
     ]
 
 
-def build_definitions(config_path: str | None = None, device: str | None = None) -> Definitions:
+def build_definitions(config_path: str | None = None, device: str | None = None,
+                      loaded_settings: str | None = None) -> Definitions:
+    """The code location; `loaded_settings` is the settings it counts as loaded (None: the file as it is now)."""
     resources = make_resources(config_path, device)
     # A config that does not load fails the code location with the reason: guessing code
     # versions instead would make every asset look unsynced and start runs bound to fail.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # unknown keys are reported again in each run's log
         config = load_config(resources["chroma"].config_path)
+    if loaded_settings is LOAD_FROM_CONTEXT:  # Dagster is loading the code location, or reconstructing it in a worker
+        loaded_settings = code_location_settings(settings_snapshot(config, ALL_STEP_SETTINGS))
+    elif loaded_settings is None:
+        loaded_settings = settings_snapshot(config, ALL_STEP_SETTINGS)
+    # A new instance, not model_copy: Dagster rebuilds a resource from its constructor's arguments.
+    resources["chroma"] = ChromaConfigResource(config_path=resources["chroma"].config_path, loaded_settings=loaded_settings)
     try:
         ZoneInfo(config.retrain_timezone)
     except (ZoneInfoNotFoundError, ValueError):
@@ -142,7 +158,24 @@ def materialize_chain(config_path: str, instance, selection=None, device: str | 
     )
 
 
+def code_location_settings(loaded_settings: str | None) -> str | None:
+    """Hand the settings a code location loads to its run workers; in a worker, return what it was handed.
+
+    A worker imports this module afresh, so on its own it would see the file as it is now.
+    Dagster carries "reconstruction metadata" from the code server's load to every worker
+    (in the execution plan); this is the loader's context for it, not exported at the top level.
+    """
+    from dagster._core.definitions.definitions_load_context import DefinitionsLoadContext, DefinitionsLoadType
+
+    context = DefinitionsLoadContext.get()
+    if context.load_type == DefinitionsLoadType.RECONSTRUCTION:
+        return context.reconstruction_metadata.get(LOADED_SETTINGS, loaded_settings)
+    if loaded_settings is not None:
+        context.add_to_pending_reconstruction_metadata(LOADED_SETTINGS, loaded_settings)
+    return loaded_settings
+
+
 @definitions
 def defs() -> Definitions:
     """Loaded when Dagster loads the code location, not when this module is imported."""
-    return build_definitions()
+    return build_definitions(loaded_settings=LOAD_FROM_CONTEXT)

@@ -304,6 +304,24 @@ class ChromaConfig(BaseModel):
         return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def settings_snapshot(config: ChromaConfig, extra_names: tuple[str, ...] = ()) -> str:
+    """Every setting's value as canonical JSON: what a code location was built from, to compare later."""
+    names = sorted({*type(config).model_fields, *extra_names})
+    return json.dumps({name: getattr(config, name) for name in names}, sort_keys=True, default=str)
+
+
+def changed_settings(before: str, after: str, shown: int = 60) -> dict[str, str]:
+    """Setting -> "old → new" between two `settings_snapshot`s (values cut to `shown` characters)."""
+    old, new = json.loads(before), json.loads(after)
+
+    def short(value) -> str:
+        text = json.dumps(value, default=str)
+        return text if len(text) <= shown else text[: shown - 1] + "…"
+
+    return {name: f"{short(old.get(name))} → {short(new.get(name))}"
+            for name in sorted(old.keys() | new.keys()) if old.get(name) != new.get(name)}
+
+
 def read_jsonc_file(path: Path, missing: str, invalid: str, error: type[Exception] = ConfigError):
     """A JSON/JSONC file's content; `missing` and `invalid` (followed by the parser's reason) say what went wrong."""
     if not path.is_file():
