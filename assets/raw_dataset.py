@@ -3,8 +3,8 @@ from collections import Counter
 
 from dagster import AssetExecutionContext, AssetKey, AssetSpec, DataVersion, MaterializeResult, MetadataValue, multi_asset
 
-from chroma_pipeline.fingerprint import fingerprint_config_datasets
 from chroma_pipeline.dataset import reason_group
+from chroma_pipeline.fingerprint import fingerprint_config_datasets
 from chroma_pipeline.raw_dataset import build_manifest
 from resources import ArtifactStore, ChromaConfigResource
 

@@ -116,7 +116,7 @@ def captions_fit_tokenizer_max_length(config: ChromaConfig, layout: Layout) -> C
     uncounted = [entry for entry in entries if entry.tokens is None]
     if uncounted:
         tokenizer = models.load_tokenizer(models.resolve_model_dir(config, layout.models_dir))
-        for entry, tokens in zip(uncounted, count_tokens(tokenizer, [entry.text for entry in uncounted])):
+        for entry, tokens in zip(uncounted, count_tokens(tokenizer, [entry.text for entry in uncounted]), strict=True):
             entry.tokens = tokens
     over_long = over_long_texts(entries, max_length)
     counts = {"texts": len(entries), "texts over tokenizer_max_length": len(over_long),

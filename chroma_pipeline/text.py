@@ -142,7 +142,7 @@ def encode_texts(
         prompt_embeds, attention_mask = encode_prompts(
             [text for _, text in batch], tokenizer, text_encoder, max_length, padding, device, dtype
         )
-        tokens.update(zip([key for key, _ in batch], count_tokens(tokenizer, [text for _, text in batch])))
+        tokens.update(zip([key for key, _ in batch], count_tokens(tokenizer, [text for _, text in batch]), strict=True))
         for i, (key, _text) in enumerate(batch):
             save_embedding(cache_dir, key, prompt_embeds[i], attention_mask[i])
         done = min(start + batch_size, len(missing))
@@ -153,7 +153,7 @@ def encode_texts(
     uncounted = [key for key in distinct if key not in tokens]
     if uncounted:  # cached before counts were kept: the tokenizer alone counts them
         counter = tokenizer or load_tokenizer()
-        tokens.update(zip(uncounted, count_tokens(counter, [distinct[key] for key in uncounted])))
+        tokens.update(zip(uncounted, count_tokens(counter, [distinct[key] for key in uncounted]), strict=True))
     for entry in entries.values():
         entry.tokens = tokens[entry.cache_key]
 
