@@ -3,7 +3,9 @@
 The checks on data and on the base model are blocking: when one fails, the run stops
 before `lora_adapter`, and the automation sensor does not start training on top of
 it until the check passes again. The UI shows the failed check, its description
-(what is wrong and what to do) and the offending files.
+(what is wrong and what to do) and the offending files. The one exception warns:
+captions cut to `tokenizer_max_length` still train (on their first tokens), so that
+check fails with WARN severity and blocks nothing.
 """
 
 from pathlib import Path
@@ -53,6 +55,15 @@ def masks_keep_one_padding_token(context: AssetCheckExecutionContext, chroma: Ch
     return _result(checks.embeddings_follow_mask_rule(config, store.layout(config)))
 
 
+@asset_check(asset=text_embeddings, blocking=False,
+             description="no caption or prompt is longer than tokenizer_max_length tokens (a longer one is cut); "
+             "a warning, training goes on")
+def captions_fit_tokenizer_max_length(context: AssetCheckExecutionContext, chroma: ChromaConfigResource,
+                                      store: ArtifactStore):
+    config = chroma.load()  # the asset that ran before logged its notes
+    return _result(checks.captions_fit_tokenizer_max_length(config, store.layout(config)), AssetCheckSeverity.WARN)
+
+
 @asset_check(asset=quantized_base_model, blocking=True, description="the reloaded base model's forward pass is finite")
 def forward_pass_is_finite(
     context: AssetCheckExecutionContext, chroma: ChromaConfigResource, store: ArtifactStore, gpu: GPUResource
@@ -82,6 +93,6 @@ def grid_not_blank(context: AssetCheckExecutionContext):
 
 
 ALL_CHECKS = [
-    latents_complete_and_finite, masks_keep_one_padding_token, forward_pass_is_finite, adapter_changes_output,
-    grid_not_blank,
+    latents_complete_and_finite, masks_keep_one_padding_token, captions_fit_tokenizer_max_length,
+    forward_pass_is_finite, adapter_changes_output, grid_not_blank,
 ]

@@ -3,6 +3,7 @@ from collections import Counter
 
 from dagster import AssetExecutionContext, AssetKey, AssetSpec, DataVersion, MaterializeResult, MetadataValue, multi_asset
 
+from chroma_pipeline.dataset import reason_group
 from chroma_pipeline.fingerprint import fingerprint_config_datasets
 from chroma_pipeline.raw_dataset import build_manifest
 from resources import ArtifactStore, ChromaConfigResource
@@ -65,8 +66,9 @@ def raw_dataset(context: AssetExecutionContext, chroma: ChromaConfigResource, st
             "samples": result.stats["samples"],
             "skipped": result.stats["skipped"],
             # "duplicate of a.png" and "duplicate of b.png" count as one reason; the table keeps which.
-            "skipped by reason": MetadataValue.json(dict(Counter(row.skip_reason.split(" of ")[0] for row in skipped))),
+            "skipped by reason": MetadataValue.json(dict(Counter(reason_group(row.skip_reason) for row in skipped))),
             "skipped files": markdown_table(["file", "reason"], [[r.path, r.skip_reason] for r in skipped[:200]]),
+            **_duplicates(rows),
             "manifest": MetadataValue.path(str(result.path)),
             "dataset": MetadataValue.path(config.data_backend_config or config.instance_data_dir),
             "dataset fingerprint": fingerprint.version,
@@ -87,13 +89,24 @@ def raw_dataset(context: AssetExecutionContext, chroma: ChromaConfigResource, st
     )
 
 
+def _duplicates(rows) -> dict:
+    """Byte-identical copies: which file trains, with which caption, and which caption goes unused."""
+    kept = {row.path: row for row in rows if row.status == "ok"}
+    copies = [row for row in rows if row.duplicate_of]
+    table = [[row.path, row.duplicate_of, kept[row.duplicate_of].caption[:80], row.caption[:80],
+              "same caption" if row.caption == kept[row.duplicate_of].caption else "this file's caption is not used"]
+             for row in copies[:50]]
+    header = ["file (skipped)", "copy of (kept, first by name)", "kept caption", "its own caption", "captions"]
+    return {"duplicates": len(copies), **({"duplicate files": markdown_table(header, table)} if copies else {})}
+
+
 def _per_dataset(config, rows) -> dict:
     """With a dataloader file: each dataset's folder, counts, skip reasons and bucket table."""
     summary, tables = [], {}
     for dataset in config.image_datasets:
         mine = [row for row in rows if row.dataset == dataset.id]
         ok = [row for row in mine if row.status == "ok"]
-        reasons = Counter(row.skip_reason.split(" of ")[0] for row in mine if row.status != "ok")
+        reasons = Counter(reason_group(row.skip_reason) for row in mine if row.status != "ok")
         buckets = Counter("{}x{}".format(*dataset.bucket(r.width, r.height, config)) for r in ok)
         resolution = f"{dataset.setting('resolution', config):g} {dataset.setting('resolution_type', config)}"
         summary.append([dataset.id, str(dataset.root), resolution, len(ok), len(mine) - len(ok),

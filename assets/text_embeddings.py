@@ -14,7 +14,8 @@ def text_embeddings(
 ) -> MaterializeResult:
     """Masked T5 embeddings of every caption, the empty caption and the validation prompts."""
     config = load_config_for(context, chroma, "text_embeddings")
-    result = build_embeddings(config, store.layout(config), gpu.info(), log=context.log.info)
+    result = build_embeddings(config, store.layout(config), gpu.info(), log=context.log.info, warn=context.log.warning)
+    over_long = result.stats["over_long"]
     return MaterializeResult(
         data_version=DataVersion(result.data_version),
         metadata={
@@ -30,6 +31,11 @@ def text_embeddings(
             "padding": config.flux_t5_padding,
             "text encoder precision": config.text_encoder_precision,
             "index": MetadataValue.path(str(result.path)),
+            # Cut texts train on their first tokenizer_max_length tokens only; the check
+            # captions_fit_tokenizer_max_length shows them as a warning too.
+            "texts over tokenizer_max_length": len(over_long),
+            **({"over-long texts": markdown_table(["caption (image file) or prompt", "tokens"],
+                                                  [list(item) for item in over_long[:50]])} if over_long else {}),
             **({"datasets": markdown_table(["dataset", "images (one caption each)", "encoded now"],
                                            [[d, c["captions"], c["encoded"]] for d, c in result.stats["datasets"].items()])}
                if "datasets" in result.stats else {}),

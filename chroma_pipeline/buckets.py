@@ -16,6 +16,11 @@ from PIL import Image
 BUCKET_STEP = 64
 MEGAPIXEL = 1024 * 1024  # resolution_type "area": 1.0 means a 1024x1024 budget
 MAX_ASPECT = 4.0
+# An image blown up more than this to cover its bucket is skipped as too small (`maximum_upscale`).
+# SimpleTuner (`max_upscale_threshold`) and kohya (`bucket_no_upscale`) upscale without limit by
+# default, yet both guides warn against images much smaller than the resolution. 2x keeps an image
+# of half the training size (a 512 px photo at 1024) and drops thumbnails, icons and 1x1 pixels.
+DEFAULT_MAXIMUM_UPSCALE = 2.0
 
 
 def _snap(value: float) -> int:

@@ -23,7 +23,8 @@ from .lora import apply_adapter
 from .quantized_base import decided_precision, load_base_transformer, quantized_key
 from .shards import ShardStore
 from .storage import write_json_atomic
-from .text import load_embedding, read_embedding_index
+from .text import count_tokens, load_embedding, read_embedding_index
+from .text_embeddings import over_long_message, over_long_texts
 
 
 @dataclass
@@ -102,6 +103,28 @@ def embeddings_follow_mask_rule(config: ChromaConfig, layout: Layout) -> CheckOu
         "{n} embeddings break the Chroma mask rule, first: {first}. Re-materialize text_embeddings.",
         {"embeddings": len(entries), "bad embeddings": len(problems), "truncated texts": truncated},
     )
+
+
+def captions_fit_tokenizer_max_length(config: ChromaConfig, layout: Layout) -> CheckOutcome:
+    """No caption or prompt is longer than `tokenizer_max_length` tokens: a longer one was cut, T5 never saw its end.
+
+    The counts come from the embedding index, where encoding left them; an index written
+    before counts were kept is counted with the tokenizer (T5 is not loaded).
+    """
+    max_length = config.tokenizer_max_length
+    entries = read_embedding_index(layout.embedding_index)
+    uncounted = [entry for entry in entries if entry.tokens is None]
+    if uncounted:
+        tokenizer = models.load_tokenizer(models.resolve_model_dir(config, layout.models_dir))
+        for entry, tokens in zip(uncounted, count_tokens(tokenizer, [entry.text for entry in uncounted]), strict=True):
+            entry.tokens = tokens
+    over_long = over_long_texts(entries, max_length)
+    counts = {"texts": len(entries), "texts over tokenizer_max_length": len(over_long),
+              "most tokens": max((entry.tokens for entry in entries), default=0)}
+    if not over_long:
+        return CheckOutcome(True, f"all {len(entries)} texts fit in tokenizer_max_length ({max_length} tokens)", [], counts)
+    problems = [f"{name}: {tokens} tokens, cut to {max_length}" for name, tokens in over_long]
+    return CheckOutcome(False, over_long_message(over_long, max_length), problems[:50], counts)
 
 
 def _probe_inputs(transformer, dtype, device):

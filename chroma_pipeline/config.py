@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .buckets import DEFAULT_MAXIMUM_UPSCALE
 from .databackend import (
     FRAMING_KEYS,
     MIX_KEYS,
@@ -78,7 +79,8 @@ class ChromaConfig(BaseModel):
     metadata_caption_column: str = "text"
     caption_fallback: Literal["skip", "filename", "empty"] = "skip"
     minimum_image_size: float = Field(0, ge=0)
-    maximum_upscale: float | None = Field(None, ge=1)  # skip images that would need more upscaling than this
+    # Skip images that would need more upscaling than this to cover their bucket; None (null): no limit.
+    maximum_upscale: float | None = Field(DEFAULT_MAXIMUM_UPSCALE, ge=1)
     crop: bool = True  # False: stretch to the bucket instead of cropping the overflow
     crop_style: Literal["center", "random", "corner"] = "center"
     crop_aspect: Literal["preserve", "square"] = "preserve"

@@ -12,6 +12,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import re
 import warnings
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from .buckets import bucket_for, upscale_needed
+from .buckets import DEFAULT_MAXIMUM_UPSCALE, bucket_for, upscale_needed
 from .images import open_rgb
 from .storage import read_rows, sha256_file, sha256_text, write_rows_atomic
 
@@ -42,6 +43,7 @@ class ManifestRow:
     caption_original: str = ""  # as written in the file, for the record
     caption_source: str = ""  # "textfile", "metadata", "filename", "instanceprompt" or "empty"
     dataset: str = ""  # the dataset's id ("" for the one-folder shorthand)
+    duplicate_of: str = ""  # a skipped byte-identical copy: the sample that trains in its place
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,8 @@ class ScanOptions:
     alpha_background: str = "white"
     resolution: float = 1024
     crop_aspect: str = "preserve"
-    maximum_upscale: float | None = None  # skip images their bucket would blow up more than this
+    # Skip images their bucket would blow up more than this (None: no limit); see buckets.DEFAULT_MAXIMUM_UPSCALE.
+    maximum_upscale: float | None = DEFAULT_MAXIMUM_UPSCALE
     minimum_aspect_ratio: float | None = None  # width / height
     maximum_aspect_ratio: float | None = None
     prepend_instance_prompt: bool = False  # caption = instance_prompt + " " + caption
@@ -156,9 +159,65 @@ def fallback_caption(path: Path) -> str:
     return re.sub(r"[_\-]+", " ", path.stem).strip()
 
 
+def upscale_skip_reason(width: int, height: int, options: ScanOptions) -> str | None:
+    """Why an image is too small for `maximum_upscale`, naming the factor and the value that keeps it; None if it fits.
+
+    Covering a bucket from a much smaller image trains on interpolation blur, not on the picture.
+    """
+    if options.maximum_upscale is None:
+        return None
+    bucket = bucket_for(width, height, options.resolution, options.resolution_type, options.crop_aspect)
+    needed = upscale_needed(width, height, bucket)
+    if needed <= options.maximum_upscale:
+        return None
+    enough = math.ceil(needed * 10) / 10  # rounded up, so the value the message proposes does keep the image
+    return (f"too small: needs {_factor(enough)}x upscaling to cover its {bucket[0]}x{bucket[1]} bucket, more than "
+            f"maximum_upscale {_factor(options.maximum_upscale)} allows; set maximum_upscale to {_factor(enough)} "
+            "or more to keep it")
+
+
+def _factor(value: float) -> str:
+    return f"{value:.1f}" if value == round(value, 1) else f"{value:g}"
+
+
+def _quoted(caption: str, limit: int = 80) -> str:
+    """A caption as a message shows it: quoted, and cut short (with its length) when it is long."""
+    return repr(caption) if len(caption) <= limit else f"{caption[:limit]!r}... ({len(caption)} characters)"
+
+
+def duplicate_reason(kept: ManifestRow, name: str, caption: str) -> str:
+    """Which of two byte-identical files trains, and what becomes of the other one's caption.
+
+    The scan walks names in sorted order, so the first name seen is the one kept.
+    """
+    head = f"duplicate of {kept.path} (byte-identical): {kept.path} is kept, being first by name,"
+    if caption == kept.caption:
+        return f"{head} and both have the caption {_quoted(caption)}"
+    return f"{head} with its caption {_quoted(kept.caption)}; {name}'s caption {_quoted(caption)} is not used"
+
+
+def reason_group(reason: str) -> str:
+    """The kind of a skip reason, for counting: its words before any detail.
+
+    "duplicate of a.png (byte-identical): ..." -> "duplicate"; "too small: needs 4.0x ..." -> "too small".
+    """
+    return reason.split(":")[0].split(" of ")[0].strip()
+
+
+def training_caption(original: str, source: str, options: ScanOptions) -> str:
+    caption = original.strip()
+    if options.prepend_instance_prompt and options.instance_prompt and source != "instanceprompt":
+        caption = f"{options.instance_prompt.strip()} {caption}".strip()
+    return caption
+
+
 def image_row(relative: str, image: Path | bytes, original: str, source: str, options: ScanOptions,
-              seen_hashes: dict[str, str]) -> ManifestRow:
-    """The manifest row of one captioned image (a file or its bytes): usable, or skipped with the reason."""
+              seen_hashes: dict[str, ManifestRow]) -> ManifestRow:
+    """The manifest row of one captioned image (a file or its bytes): usable, or skipped with the reason.
+
+    `seen_hashes` maps each image hash met so far to the row that kept it, so a byte-identical
+    copy names the file that trains and the caption that goes with it.
+    """
     try:
         width, height = open_rgb(image, options.alpha_background).size
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -169,18 +228,17 @@ def image_row(relative: str, image: Path | bytes, original: str, source: str, op
         return ManifestRow(relative, "skipped", "too small")
     if outside_aspect_limits(width, height, options):
         return ManifestRow(relative, "skipped", "aspect ratio outside minimum/maximum_aspect_ratio")
-    if options.maximum_upscale:
-        bucket = bucket_for(width, height, options.resolution, options.resolution_type, options.crop_aspect)
-        if upscale_needed(width, height, bucket) > options.maximum_upscale:
-            return ManifestRow(relative, "skipped", "needs more upscaling than maximum_upscale")
+    if reason := upscale_skip_reason(width, height, options):
+        return ManifestRow(relative, "skipped", reason)
+    caption = training_caption(original, source, options)
     image_hash = sha256_file(image) if isinstance(image, Path) else hashlib.sha256(image).hexdigest()
     if image_hash in seen_hashes:
-        return ManifestRow(relative, "skipped", f"duplicate of {seen_hashes[image_hash]}")
-    seen_hashes[image_hash] = relative
-    caption = original.strip()
-    if options.prepend_instance_prompt and options.instance_prompt and source != "instanceprompt":
-        caption = f"{options.instance_prompt.strip()} {caption}".strip()
-    return ManifestRow(relative, "ok", "", image_hash, width, height, caption, sha256_text(caption), original, source)
+        kept = seen_hashes[image_hash]
+        return ManifestRow(relative, "skipped", duplicate_reason(kept, relative, caption), caption=caption,
+                           caption_original=original, caption_source=source, duplicate_of=kept.path)
+    row = ManifestRow(relative, "ok", "", image_hash, width, height, caption, sha256_text(caption), original, source)
+    seen_hashes[image_hash] = row
+    return row
 
 
 def scan_dataset(root: Path, options: ScanOptions = ScanOptions()) -> list[ManifestRow]:
@@ -214,7 +272,7 @@ def scan_dataset(root: Path, options: ScanOptions = ScanOptions()) -> list[Manif
         return name if keep_suffix else name.rsplit(".", 1)[0]
 
     rows: list[ManifestRow] = []
-    seen_hashes: dict[str, str] = {}
+    seen_hashes: dict[str, ManifestRow] = {}
     multi_line: list[str] = []
     images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     for path in images:
@@ -290,5 +348,6 @@ _SCHEMA = pa.schema(
         ("caption_original", pa.string()),
         ("caption_source", pa.string()),
         ("dataset", pa.string()),
+        ("duplicate_of", pa.string()),
     ]
 )

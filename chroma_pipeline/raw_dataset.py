@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from .config import ChromaConfig
 from .databackend import ImageDataset, sample_path
-from .dataset import ManifestRow, ScanOptions, scan_dataset, usable, write_manifest
+from .dataset import ManifestRow, ScanOptions, duplicate_reason, reason_group, scan_dataset, usable, write_manifest
 from .layout import Layout, StepResult
 from .sources import scan_huggingface
 from .storage import combine_hashes
@@ -65,11 +65,34 @@ def scan_one(config: ChromaConfig, dataset: ImageDataset) -> list[ManifestRow]:
         )
     else:
         rows = scan_dataset(dataset.root, options)
-    for row in rows:  # a duplicate's reason names its twin by sample path too
+    for row in rows:
         row.path, row.dataset = sample_path(dataset.id, row.path), dataset.id
-        if row.skip_reason.startswith("duplicate of "):
-            row.skip_reason = "duplicate of " + sample_path(dataset.id, row.skip_reason.removeprefix("duplicate of "))
+    name_duplicates_by_sample_path(rows, dataset.id)
     return rows
+
+
+def name_duplicates_by_sample_path(rows: list[ManifestRow], dataset_id: str) -> None:
+    """A duplicate's reason names its twin and itself as the manifest does, `<dataset id>/<path>`."""
+    kept_rows = {row.path: row for row in rows if row.status == "ok"}
+    for row in rows:
+        if row.duplicate_of:
+            row.duplicate_of = sample_path(dataset_id, row.duplicate_of)
+            row.skip_reason = duplicate_reason(kept_rows[row.duplicate_of], row.path, row.caption)
+
+
+def no_usable_sample_message(dataset: ImageDataset, rows: list[ManifestRow]) -> str:
+    """Why a dataset has nothing to train on: the count of each reason, and what to do about the first ones."""
+    reasons = Counter(reason_group(row.skip_reason) for row in rows)
+    detail = ", ".join(f"{n} {reason}" for reason, n in reasons.items()) or "no image files found"
+    advice = []
+    if "no caption" in reasons or not rows:
+        advice.append("Each image needs a caption: a file with the same name and a .txt suffix (photo.jpg -> "
+                      "photo.txt), a metadata table, or a caption_strategy of filename or instanceprompt.")
+    other = next((row for row in rows if reason_group(row.skip_reason) != "no caption"), None)
+    if other is not None:  # e.g. every image too small for the resolution: the reason names the key to change
+        label = "First file skipped for another reason" if "no caption" in reasons else "First skipped file"
+        advice.append(f"{label}: {other.path}: {other.skip_reason}.")
+    return f"no usable sample in {dataset.describe()} ({dataset.root}: {detail}). " + " ".join(advice)
 
 
 def build_manifest(config: ChromaConfig, layout: Layout) -> tuple[StepResult, list[ManifestRow]]:
@@ -79,14 +102,7 @@ def build_manifest(config: ChromaConfig, layout: Layout) -> tuple[StepResult, li
     ok = usable(rows)
     empty = [d for d in config.image_datasets if not any(r.dataset == d.id for r in ok)]
     if empty:
-        dataset = empty[0]
-        reasons = Counter(row.skip_reason for row in rows if row.dataset == dataset.id)
-        detail = ", ".join(f"{n} {reason}" for reason, n in reasons.items()) or "no image files found"
-        raise ValueError(
-            f"no usable sample in {dataset.describe()} ({dataset.root}: {detail}). Each image needs a caption: a "
-            "file with the same name and a .txt suffix (photo.jpg -> photo.txt), a metadata table, or a "
-            "caption_strategy of filename or instanceprompt."
-        )
+        raise ValueError(no_usable_sample_message(empty[0], [row for row in rows if row.dataset == empty[0].id]))
     write_manifest(rows, layout.manifest)
     versions = DatasetVersions(
         images=combine_hashes(*sorted(f"{r.path}:{r.image_sha256}" for r in ok)),

@@ -113,6 +113,11 @@ def lora_targets(value):
     return [name for name in value if name.strip()]
 
 
+def upscale_factor(threshold):
+    """SimpleTuner's `max_upscale_threshold` is the share of growth allowed (0.2 = 20%); ours is the factor."""
+    return None if threshold is None else 1 + float(threshold)
+
+
 def lr_scheduler(value: str) -> str:
     return {"cosine_with_warmup": "cosine"}.get(value, value)
 
@@ -175,6 +180,8 @@ CONFIG_RULES: dict[str, Rule] = {
     "resolution": same("the default of every dataset"),
     "resolution_type": same("the default of every dataset"),
     "minimum_image_size": same("the default of every dataset; SimpleTuner's reading per resolution_type"),
+    "max_upscale_threshold": renamed("maximum_upscale", "the default of every dataset: t = `maximum_upscale: 1 + t`; "
+                                     "left out, 2.0 here (SimpleTuner: no limit)", upscale_factor),
     "caption_strategy": same("the default of every dataset (`instance_prompt` is read as `instanceprompt`)",
                              caption_strategy),
     "instance_prompt": same("the caption of `caption_strategy: instanceprompt`"),
@@ -341,10 +348,6 @@ def crop_aspect(value: str) -> str:
     return value
 
 
-def upscale_factor(threshold):
-    return None if threshold is None else 1 + float(threshold)
-
-
 def chance(value):
     return float(value) if value else 1.0  # SimpleTuner reads 0 or a missing value as 1.0
 
@@ -369,7 +372,8 @@ DATASET_RULES: dict[str, Rule] = {
     "minimum_image_size": same("pixel: both sides; area: megapixels; pixel_area: width x height >= value²"),
     "minimum_aspect_ratio": same("width / height below it: skipped"),
     "maximum_aspect_ratio": same("width / height above it: skipped"),
-    "max_upscale_threshold": renamed("maximum_upscale", "t = `maximum_upscale: 1 + t`", upscale_factor),
+    "max_upscale_threshold": renamed("maximum_upscale", "t = `maximum_upscale: 1 + t`; left out, the main config's, "
+                                     "else 2.0 (SimpleTuner: no limit)", upscale_factor),
     "maximum_image_size": no_effect(RESIZED_FIRST),
     "target_downsample_size": no_effect(RESIZED_FIRST),
     "crop": same("default false in a dataloader file, as in SimpleTuner"),

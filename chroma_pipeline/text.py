@@ -25,6 +25,9 @@ class EmbeddingEntry:
     cache_key: str
     text: str
     path: str = ""  # for captions: the image file the caption belongs to
+    # The text's tokens before truncation (T5's closing </s> included): more than max_length means
+    # the embedding saw only the first max_length. Counted once, then kept with the index row.
+    tokens: int | None = None
 
 
 def chroma_attention_mask(tokenizer_mask: torch.Tensor) -> torch.Tensor:
@@ -55,6 +58,12 @@ def encode_prompts(texts, tokenizer, text_encoder, max_length: int, padding: str
         # Positions the transformer never attends to are zeroed, so the cache holds no noise.
         prompt_embeds = prompt_embeds * attention_mask.unsqueeze(-1).to(dtype)
     return prompt_embeds, attention_mask
+
+
+def count_tokens(tokenizer, texts: list[str]) -> list[int]:
+    """Each text's token count before truncation, so a caption cut to `tokenizer_max_length` can be named."""
+    # verbose=False: the count is the point here, not transformers' "longer than the maximum" warning.
+    return [len(ids) for ids in tokenizer(list(texts), truncation=False, verbose=False)["input_ids"]]
 
 
 def _is_valid(max_length: int, width: int):
@@ -107,11 +116,15 @@ def encode_texts(
     dtype: torch.dtype,
     batch_size: int = 8,
     log=print,
+    known_tokens: dict[str, int] | None = None,
+    load_tokenizer=None,
 ) -> tuple[list[EmbeddingEntry], dict[str, int]]:
     """Cache an embedding for every distinct text; `texts_by_role` holds (role, text, path) triples.
 
     `load_encoder` returns (tokenizer, text_encoder) and is called only if something is missing;
-    the encoder is released when this returns.
+    the encoder is released when this returns. Every entry gets its token count: counted while
+    encoding, else taken from `known_tokens` (cache key -> count, from the previous index), else
+    counted with `load_tokenizer()` alone, so a fully cached run never loads T5 to count.
     """
     entries: dict[tuple[str, str, str], EmbeddingEntry] = {}
     for role, text, path in texts_by_role:
@@ -124,18 +137,27 @@ def encode_texts(
     if missing:  # after a crash this says how much of the killed run survived (each entry is its own file)
         log(f"{len(distinct) - len(missing)} of {len(distinct)} texts have cached embeddings; encoding {len(missing)}")
     tokenizer, text_encoder = load_encoder() if missing else (None, None)
+    tokens = {key: count for key, count in (known_tokens or {}).items() if key in distinct}
     started = time.perf_counter()
     for start in range(0, len(missing), batch_size):
         batch = missing[start : start + batch_size]
         prompt_embeds, attention_mask = encode_prompts(
             [text for _, text in batch], tokenizer, text_encoder, max_length, padding, device, dtype
         )
+        tokens.update(zip([key for key, _ in batch], count_tokens(tokenizer, [text for _, text in batch]), strict=True))
         for i, (key, _text) in enumerate(batch):
             save_embedding(cache_dir, key, prompt_embeds[i], attention_mask[i])
         done = min(start + batch_size, len(missing))
         if done == len(missing) or (start // batch_size) % 25 == 0:
             rate = done / max(time.perf_counter() - started, 1e-9)
             log(f"encoded {done}/{len(missing)} texts, {rate:.1f} texts/s, ETA {(len(missing) - done) / rate:.0f}s")
+
+    uncounted = [key for key in distinct if key not in tokens]
+    if uncounted:  # cached before counts were kept: the tokenizer alone counts them
+        counter = tokenizer or load_tokenizer()
+        tokens.update(zip(uncounted, count_tokens(counter, [distinct[key] for key in uncounted]), strict=True))
+    for entry in entries.values():
+        entry.tokens = tokens[entry.cache_key]
 
     bytes_on_disk = sum(entry_file(cache_dir, key).stat().st_size for key in distinct)
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -158,6 +180,6 @@ def read_embedding_index(path: Path) -> list[EmbeddingEntry]:
 _INDEX_SCHEMA = pa.schema(
     [
         ("text_sha256", pa.string()), ("role", pa.string()), ("cache_key", pa.string()), ("text", pa.string()),
-        ("path", pa.string()),
+        ("path", pa.string()), ("tokens", pa.int32()),
     ]
 )

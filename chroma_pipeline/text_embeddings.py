@@ -16,7 +16,7 @@ from .device import DeviceInfo
 from .layout import Layout, StepResult
 from .quantize import quantize_model, quanto_version
 from .storage import combine_hashes
-from .text import encode_texts, load_embedding, read_embedding_index, write_embedding_index
+from .text import EmbeddingEntry, encode_texts, load_embedding, read_embedding_index, write_embedding_index
 
 SETTINGS = (
     "output_dir", *models.MODEL_SETTINGS, "tokenizer_max_length", "flux_t5_padding", "text_encoder_precision",
@@ -33,7 +33,29 @@ def texts_to_encode(config: ChromaConfig, rows: list[ManifestRow]) -> list[tuple
     return texts
 
 
-def build_embeddings(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=print) -> StepResult:
+def text_name(entry: EmbeddingEntry) -> str:
+    """How a message names a text: a caption by its image file, a prompt by its start."""
+    return entry.path if entry.role == "caption" else f"{entry.role} prompt {entry.text[:40]!r}"
+
+
+def over_long_texts(entries: list[EmbeddingEntry], max_length: int) -> list[tuple[str, int]]:
+    """(file or prompt, tokens) of each text longer than `max_length` tokens: T5 saw only its first `max_length`."""
+    return [(text_name(e), e.tokens) for e in entries if e.tokens is not None and e.tokens > max_length]
+
+
+def over_long_message(over_long: list[tuple[str, int]], max_length: int) -> str:
+    """What a cut text means and what to do, naming the first files."""
+    shown = ", ".join(f"{name} ({tokens} tokens)" for name, tokens in over_long[:10])
+    more = f" and {len(over_long) - 10} more" if len(over_long) > 10 else ""
+    fix = ("raise tokenizer_max_length (at most 512) or shorten them" if max_length < 512
+           else "shorten them (T5 reads at most 512 tokens)")
+    return (f"{len(over_long)} texts are longer than tokenizer_max_length ({max_length} tokens) and were cut to it, "
+            f"so training never sees their end: {shown}{more}. To use all of each, {fix}.")
+
+
+def build_embeddings(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=print, warn=None) -> StepResult:
+    """`warn` (default: `log`, marked) hears what the user should act on, e.g. captions cut to the max length."""
+    warn = warn or (lambda message: log(f"warning: {message}"))
     rows = usable(read_manifest(layout.manifest))
     model_dir = models.resolve_model_dir(config, layout.models_dir)
     dtype = device.compute_dtype(config.mixed_precision)
@@ -49,12 +71,15 @@ def build_embeddings(config: ChromaConfig, layout: Layout, device: DeviceInfo, l
         models.component_identity(model_dir, "text_encoder"), models.component_identity(model_dir, "tokenizer"),
         config.text_encoder_precision, quanto_version() if config.text_encoder_precision != "no_change" else "",
     )
-    previous = {e.cache_key for e in read_embedding_index(layout.embedding_index)} if layout.embedding_index.is_file() else set()
+    previous_entries = read_embedding_index(layout.embedding_index) if layout.embedding_index.is_file() else []
+    previous = {e.cache_key for e in previous_entries}
     entries, stats = encode_texts(
         texts_to_encode(config, rows), layout.embedding_dir, load_encoder,
         width=models.text_width(model_dir), encoder_identity=identity,
         max_length=config.tokenizer_max_length, padding=config.flux_t5_padding,
         device=device.torch_device, dtype=dtype, log=log,
+        known_tokens={e.cache_key: e.tokens for e in previous_entries if e.tokens is not None},
+        load_tokenizer=lambda: models.load_tokenizer(model_dir),
     )
     gc.collect()  # the encoder is out of scope now; make sure its memory goes back before training
     device.empty_cache()
@@ -62,6 +87,10 @@ def build_embeddings(config: ChromaConfig, layout: Layout, device: DeviceInfo, l
     current = {e.cache_key for e in entries}
     stats.update(distinct_texts=len(current), dropped=len(previous - current))
     encoded_keys = stats.pop("encoded_keys")
+    over_long = over_long_texts(entries, config.tokenizer_max_length)
+    if over_long:
+        warn(over_long_message(over_long, config.tokenizer_max_length))
+    stats["over_long"] = over_long
     if config.named_datasets:
         per_dataset = defaultdict(lambda: {"captions": 0, "encoded": 0})
         keys = {e.path: e.cache_key for e in entries if e.role == "caption"}

@@ -22,13 +22,24 @@ def test_corrupt_and_uncaptioned_files_are_reported_not_dropped(small_project):
         (dataset / f"{copy}.png").write_bytes(sorted(dataset.glob("0*.png"))[1].read_bytes())
         (dataset / f"{copy}.txt").write_text("a copy")
 
-    result = _materialize_raw(small_project)
+    instance = DagsterInstance.ephemeral()
+    result = _materialize_raw(small_project, instance)
     assert result.success
     metadata = next(e for e in result.get_asset_materialization_events()
                     if e.asset_key.to_user_string() == "raw_dataset/images").step_materialization_data.materialization.metadata
     assert metadata["samples"].value == 8 and metadata["skipped"].value == 4
     assert metadata["skipped by reason"].value == {"unreadable": 1, "no caption": 1, "duplicate": 2}
     assert "truncated.png" in metadata["skipped files"].value
+    # Each copy names the file that trains in its place, and the caption that is not used.
+    original = sorted(dataset.glob("0*.png"))[1]
+    assert metadata["duplicates"].value == 2
+    kept_caption = original.with_suffix(".txt").read_text().strip()
+    for copy in ("zz-copy-1.png", "zz-copy-2.png"):
+        assert f"| {copy} | {original.name} | {kept_caption} | a copy | this file's caption is not used |" in (
+            metadata["duplicate files"].value)
+    logged = [entry.user_message for entry in instance.all_logs(result.run_id)]
+    assert (f"skipped zz-copy-1.png: duplicate of {original.name} (byte-identical): {original.name} is kept, being "
+            f"first by name, with its caption {kept_caption!r}; zz-copy-1.png's caption 'a copy' is not used") in logged
 
 
 def test_caption_sources_and_encoding_warnings_reach_the_dagster_log(small_project):

@@ -111,6 +111,46 @@ def test_changing_encoder_settings_reencodes_every_text(small_project, counters)
     assert texts.stats["encoded"] == 12 and counters["images"] == 9
 
 
+def test_a_caption_cut_to_the_max_length_is_named_even_when_every_text_is_cached(small_project, monkeypatch):
+    from chroma_pipeline import checks
+    from chroma_pipeline.text import read_embedding_index, write_embedding_index
+
+    caption = sorted((small_project.parent / "dataset").glob("*.txt"))[2]
+    caption.write_text("a very long caption " * 100)  # the demo's tokenizer_max_length is 64
+    config = load_config(small_project)
+    layout = Layout(Path(config.output_dir))
+    build_manifest(config, layout)
+    device = detect_device("cpu")
+    tokens = len(models.load_tokenizer(models.resolve_model_dir(config, layout.models_dir))(
+        caption.read_text())["input_ids"])  # all of them: the real tokenizer, no truncation
+    named = [(caption.with_suffix(".png").name, tokens)]
+    warned = []
+    first = build_embeddings(config, layout, device, log=lambda _: None, warn=warned.append)
+    assert first.stats["over_long"] == named and tokens > 64
+    assert len(warned) == 1 and f"{named[0][0]} ({tokens} tokens)" in warned[0]
+    assert "tokenizer_max_length (64 tokens)" in warned[0] and "raise tokenizer_max_length" in warned[0]
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("counting cached texts must not load a model")
+
+    monkeypatch.setattr(models, "load_text_encoder", no_model)
+    original_tokenizer = models.load_tokenizer
+    monkeypatch.setattr(models, "load_tokenizer", no_model)
+    again = build_embeddings(config, layout, device, log=lambda _: None, warn=warned.append)
+    assert again.stats["encoded"] == 0 and again.stats["over_long"] == named  # the counts kept in the index
+    outcome = checks.captions_fit_tokenizer_max_length(config, layout)
+    assert not outcome.passed and outcome.problems == [f"{named[0][0]}: {tokens} tokens, cut to 64"]
+
+    # An index written before counts were kept: the tokenizer alone counts, T5 stays unloaded.
+    monkeypatch.setattr(models, "load_tokenizer", original_tokenizer)
+    entries = read_embedding_index(layout.embedding_index)
+    for entry in entries:
+        entry.tokens = None
+    write_embedding_index(entries, layout.embedding_index)
+    assert checks.captions_fit_tokenizer_max_length(config, layout).problems == outcome.problems
+    assert build_embeddings(config, layout, device, log=lambda _: None, warn=warned.append).stats["over_long"] == named
+
+
 @pytest.mark.parametrize("padding", ["unmodified", "zero"])
 def test_pruned_cache_gives_the_transformer_the_same_input_as_encoding_on_the_fly(tiny_model_dir, tmp_path, padding):
     import torch

@@ -5,7 +5,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from chroma_pipeline.dataset import read_manifest, scan_dataset, usable, write_manifest
+from chroma_pipeline.dataset import ScanOptions, read_manifest, scan_dataset, usable, write_manifest
+
+# The test images are 60-120 px: scan them at a resolution they cover without more upscaling
+# than maximum_upscale allows (at the default 1024 they would be skipped as too small).
+AT_64 = ScanOptions(resolution=64)
 
 
 def _image(path: Path, size=(96, 64), colour="red", caption: str | None = "a red thing"):
@@ -28,14 +32,25 @@ def test_bad_files_are_skipped_with_a_reason_and_the_rest_kept(tmp_path):
     (root / "link.png").symlink_to(outside)
     (root / "link.txt").write_text("a link")
 
-    rows = {row.path: row for row in scan_dataset(root)}
+    rows = {row.path: row for row in scan_dataset(root, AT_64)}
     # copy.png sorts first, so it is the one kept and good.png the duplicate.
     assert {path for path, row in rows.items() if row.status == "ok"} == {"copy.png", "nested/also-good.jpg"}
-    assert rows["good.png"].skip_reason == "duplicate of copy.png"
+    assert rows["good.png"].skip_reason == ("duplicate of copy.png (byte-identical): copy.png is kept, being first "
+                                            "by name, and both have the caption 'a red thing'")
+    assert rows["good.png"].duplicate_of == "copy.png"
     assert rows["uncaptioned.png"].skip_reason == "no caption"
     assert rows["broken.png"].skip_reason == "unreadable"
     assert rows["link.png"].skip_reason == "outside root"
     assert rows["nested/also-good.jpg"].caption == "a blue thing"  # whitespace stripped
+
+
+def test_a_duplicate_names_both_files_and_which_caption_trains(tmp_path):
+    _image(tmp_path / "a.png", caption="a red cat")
+    _image(tmp_path / "b.png", caption="a cat, red")  # the same bytes under another name and caption
+    rows = {row.path: row for row in scan_dataset(tmp_path, AT_64)}
+    assert rows["a.png"].status == "ok" and rows["a.png"].caption == "a red cat"
+    assert rows["b.png"].skip_reason == ("duplicate of a.png (byte-identical): a.png is kept, being first by name, "
+                                         "with its caption 'a red cat'; b.png's caption 'a cat, red' is not used")
 
 
 def test_exif_rotation_is_applied_to_the_recorded_size(tmp_path):
@@ -44,31 +59,31 @@ def test_exif_rotation_is_applied_to_the_recorded_size(tmp_path):
     exif[0x0112] = 6  # "rotate 90 degrees": a portrait photo stored sideways
     image.save(tmp_path / "phone.jpg", exif=exif)
     (tmp_path / "phone.txt").write_text("a phone photo")
-    (row,) = scan_dataset(tmp_path)
+    (row,) = scan_dataset(tmp_path, AT_64)
     assert (row.width, row.height) == (60, 120)
 
 
 def test_hashes_follow_content_not_names_or_mtimes(tmp_path):
     _image(tmp_path / "a.png")
-    before = usable(scan_dataset(tmp_path))[0]
+    before = usable(scan_dataset(tmp_path, AT_64))[0]
     (tmp_path / "a.png").rename(tmp_path / "b.png")
     (tmp_path / "a.txt").rename(tmp_path / "b.txt")
-    after = usable(scan_dataset(tmp_path))[0]
+    after = usable(scan_dataset(tmp_path, AT_64))[0]
     assert (before.image_sha256, before.caption_sha256) == (after.image_sha256, after.caption_sha256)
     (tmp_path / "b.txt").write_text("another caption")
-    assert usable(scan_dataset(tmp_path))[0].caption_sha256 != before.caption_sha256
+    assert usable(scan_dataset(tmp_path, AT_64))[0].caption_sha256 != before.caption_sha256
 
 
 def test_non_utf8_captions_are_read_not_lost(tmp_path):
     _image(tmp_path / "cafe.png", caption=None)
     (tmp_path / "cafe.txt").write_bytes("un café crème".encode("latin-1"))
     with pytest.warns(UserWarning, match="cafe.txt: caption is not UTF-8"):
-        (row,) = scan_dataset(tmp_path)
+        (row,) = scan_dataset(tmp_path, AT_64)
     assert row.caption == "un café crème"
 
 
 def test_manifest_round_trips(tmp_path):
     _image(tmp_path / "data" / "a.png")
-    rows = scan_dataset(tmp_path / "data")
+    rows = scan_dataset(tmp_path / "data", AT_64)
     write_manifest(rows, tmp_path / "manifest.parquet")
     assert read_manifest(tmp_path / "manifest.parquet") == rows

@@ -23,7 +23,8 @@ def write_backend(root: Path, entries: list[dict], **config) -> Path:
     return root / "config.json"
 
 
-def picture(path: Path, size=(96, 96), colour=(200, 30, 30)) -> Path:
+# Half of the default resolution 1024: the smallest picture the default maximum_upscale (2.0) keeps there.
+def picture(path: Path, size=(512, 512), colour=(200, 30, 30)) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", size, colour).save(path)
     return path
@@ -83,11 +84,14 @@ def test_minimum_image_size_and_aspect_limits_read_as_simpletuner_does(tmp_path)
         picture(tmp_path / name, size)
         (tmp_path / name).with_suffix(".txt").write_text(name)
     # pixel_area: width x height at least 80 x 80 (SimpleTuner reads the side of a square).
-    rows = {r.path: r for r in scan_dataset(tmp_path, ScanOptions(minimum_image_size=80, maximum_aspect_ratio=3.0))}
+    at_128 = dict(resolution=128)  # fine.png fits that without more upscaling than maximum_upscale allows
+    rows = {r.path: r for r in scan_dataset(tmp_path, ScanOptions(minimum_image_size=80, maximum_aspect_ratio=3.0,
+                                                                  **at_128))}
     assert rows["small.png"].skip_reason == "too small"
     assert rows["wide.png"].skip_reason == "aspect ratio outside minimum/maximum_aspect_ratio"
     assert rows["fine.png"].status == "ok"
-    pixel = {r.path: r for r in scan_dataset(tmp_path, ScanOptions(minimum_image_size=61, resolution_type="pixel"))}
+    pixel = {r.path: r for r in scan_dataset(tmp_path, ScanOptions(minimum_image_size=61, resolution_type="pixel",
+                                                                   **at_128))}
     assert pixel["wide.png"].skip_reason == "too small"  # pixel: both sides
 
 
@@ -142,7 +146,7 @@ def test_a_hugging_face_dataset_saved_to_disk_is_read_through_datasets(tmp_path)
     }).cast_column("Image", datasets.Image())
     table.save_to_disk(str(tmp_path / "saved"))
     rows = scan(write_backend(tmp_path, [{
-        "id": "hf", "type": "huggingface", "dataset_name": "saved", "caption_strategy": "huggingface",
+        "id": "hf", "type": "huggingface", "dataset_name": "saved", "caption_strategy": "huggingface", "resolution": 64,
         "huggingface": {"image_column": "Image", "caption_column": "Caption"},  # SimpleTuner's nested block
     }]))
     red = rows["hf/row-000000"]
@@ -208,7 +212,8 @@ def test_a_hugging_face_dataset_that_stores_paths_is_read_only_from_its_caches(t
                                                   {"bytes": None, "path": str(outside)}], "text": ["kept", "refused"]})
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(cache))
     monkeypatch.setattr(sources, "_hf_split", lambda *args: table)
-    rows = scan(write_backend(tmp_path, [{"id": "hub", "type": "huggingface", "dataset_name": "someone/images"}]))
+    rows = scan(write_backend(tmp_path, [{"id": "hub", "type": "huggingface", "dataset_name": "someone/images",
+                                          "resolution": 64}]))
     assert rows["hub/row-000000"].status == "ok"
     assert rows["hub/row-000001"].skip_reason == "image path outside the dataset and the Hugging Face caches"
 
@@ -273,8 +278,10 @@ def test_single_folder_configs_keep_their_versions_from_before_several_datasets(
     from chroma_pipeline.demo_data import demo_config
 
     config = config_from_dict(demo_config(Path("/data/dataset"), Path("/data/output")))
+    # Only the scan's changed since, on purpose: maximum_upscale's default went from no limit to 2.0, which
+    # changes what a scan may keep (the scan is cheap; the steps after it re-run only if its data changed).
     assert {step: step_code_version(config, step) for step in STEP_SETTINGS} == {
-        "raw_dataset": "1+a6f110eb565b4960", "image_latents": "1+ac121bbc068652cf",
+        "raw_dataset": "1+1d3f5f744f57095b", "image_latents": "1+ac121bbc068652cf",
         "text_embeddings": "1+2f486d3d3acaf167", "quantized_base_model": "1+8d9a9f2a199eabcc",
         "lora_adapter": "1+bc44a0db96bcd44a", "validation_grid": "1+2cb28f0e0500eb7d"}
 

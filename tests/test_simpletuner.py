@@ -49,6 +49,15 @@ def test_the_readme_table_is_the_code_table():
     assert simpletuner.key_table() in (REPO / "README.md").read_text()
 
 
+def test_max_upscale_threshold_is_the_share_of_growth_and_null_lifts_the_limit():
+    assert config_from_dict({}).maximum_upscale == 2.0  # ours; SimpleTuner's default is no limit
+    with pytest.warns(UserWarning, match="`max_upscale_threshold` = 0.2 -> `maximum_upscale` = 1.2"):
+        assert config_from_dict({"max_upscale_threshold": 0.2}).maximum_upscale == 1.2
+    with pytest.warns(UserWarning, match="`max_upscale_threshold` = None -> `maximum_upscale` = None"):
+        assert config_from_dict({"max_upscale_threshold": None}).maximum_upscale is None
+    assert config_from_dict({"maximum_upscale": None}).maximum_upscale is None
+
+
 def test_the_chroma_example_keeps_its_meaning():
     values = read("chroma.peft-lora.config.json")
     del values["data_backend_config"]
