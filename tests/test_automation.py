@@ -29,6 +29,7 @@ class WatchedProject(Project):
         for event in data.asset_events:
             self.instance.report_runless_asset_event(event)
         assert not data.run_requests, "the watcher records; it never starts a run"
+        self.said = data.skip_message  # what the sensor's tick history shows
         return data.asset_events
 
     def night(self, when: datetime):
@@ -65,10 +66,12 @@ def test_the_watcher_records_a_content_change_and_starts_nothing(project):
     caption.touch()  # a new mtime, the same bytes: not a change
     assert project.watch() == []
 
+    assert project.said == "dataset folder unchanged"
     caption.write_text("a caption edited in the morning")
     (event,) = project.watch()
     assert event.asset_key == AssetKey("dataset_folder")
     assert event.metadata["changes since last observation"].value == f"1 modified ({caption.name})"
+    assert project.said.startswith(f"dataset folder changed: 1 modified ({caption.name}); recorded on dataset_folder")
     # The UI now shows the scan as unsynced, and nothing else: the rest waits for a scan.
     assert set(project.unsynced()) == SCAN
     assert project.tick() == set()
