@@ -47,7 +47,6 @@ from .watch import build_retrain_schedule, dataset_scan, dataset_watch
 
 DEFAULT_CONFIG = "chroma-demo/config.jsonc"
 LOADED_SETTINGS = "chroma/loaded_settings"  # the reconstruction metadata key
-LOAD_FROM_CONTEXT = "from Dagster's load context"
 # Everything, the observed folder included: a full run observes the folder before it scans it.
 EVERYTHING = AssetSelection.assets(DATASET_FOLDER) | AssetSelection.all()
 
@@ -107,10 +106,7 @@ def build_definitions(config_path: str | None = None, device: str | None = None,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # unknown keys are reported again in each run's log
         config = load_config(resources["chroma"].config_path)
-    if loaded_settings is LOAD_FROM_CONTEXT:  # Dagster is loading the code location, or reconstructing it in a worker
-        loaded_settings = code_location_settings(settings_snapshot(config, ALL_STEP_SETTINGS))
-    elif loaded_settings is None:
-        loaded_settings = settings_snapshot(config, ALL_STEP_SETTINGS)
+    loaded_settings = loaded_settings or settings_snapshot(config, ALL_STEP_SETTINGS)
     # A new instance, not model_copy: Dagster rebuilds a resource from its constructor's arguments.
     resources["chroma"] = ChromaConfigResource(config_path=resources["chroma"].config_path, loaded_settings=loaded_settings)
     try:
@@ -158,24 +154,21 @@ def materialize_chain(config_path: str, instance, selection=None, device: str | 
     )
 
 
-def code_location_settings(loaded_settings: str | None) -> str | None:
-    """Hand the settings a code location loads to its run workers; in a worker, return what it was handed.
+@definitions
+def defs() -> Definitions:
+    """Loaded when Dagster loads the code location, not when this module is imported.
 
-    A worker imports this module afresh, so on its own it would see the file as it is now.
-    Dagster carries "reconstruction metadata" from the code server's load to every worker
-    (in the execution plan); this is the loader's context for it, not exported at the top level.
+    A run worker imports this module afresh, so on its own it would see the config file as it
+    is now. Dagster carries "reconstruction metadata" from the code server's load to each run's
+    worker (in the execution plan): the settings loaded travel that way, and the worker refuses
+    the run if the file changed since. The load context is Dagster's own; it is not exported
+    at the package's top level.
     """
     from dagster._core.definitions.definitions_load_context import DefinitionsLoadContext, DefinitionsLoadType
 
     context = DefinitionsLoadContext.get()
     if context.load_type == DefinitionsLoadType.RECONSTRUCTION:
-        return context.reconstruction_metadata.get(LOADED_SETTINGS, loaded_settings)
-    if loaded_settings is not None:
-        context.add_to_pending_reconstruction_metadata(LOADED_SETTINGS, loaded_settings)
-    return loaded_settings
-
-
-@definitions
-def defs() -> Definitions:
-    """Loaded when Dagster loads the code location, not when this module is imported."""
-    return build_definitions(loaded_settings=LOAD_FROM_CONTEXT)
+        return build_definitions(loaded_settings=context.reconstruction_metadata.get(LOADED_SETTINGS))
+    loaded = build_definitions()
+    context.add_to_pending_reconstruction_metadata(LOADED_SETTINGS, loaded.resources["chroma"].loaded_settings)
+    return loaded
