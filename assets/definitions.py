@@ -42,6 +42,7 @@ from .watch import build_retrain_schedule, dataset_scan, dataset_watch
 DEFAULT_CONFIG = "chroma-demo/config.jsonc"
 # Everything, the observed folder included: a full run observes the folder before it scans it.
 EVERYTHING = AssetSelection.assets(DATASET_FOLDER) | AssetSelection.all()
+IN_PROCESS_JOB = "__ephemeral_asset_job__"  # the name dagster.materialize gives its job, kept for the run list
 
 
 def make_resources(config_path: str | None = None, device: str | None = None) -> dict:
@@ -128,18 +129,22 @@ def build_definitions(config_path: str | None = None, device: str | None = None)
     )
 
 
-def materialize_chain(config_path: str, instance, selection=None, device: str | None = None, **kwargs):
+def materialize_chain(config_path: str, instance, selection=None, device: str | None = None, loggers=None,
+                      run_config=None, **kwargs):
     """Materialize (part of) the chain in-process, with the code versions the code location would give.
 
     Without a selection, the whole chain as `full_chain` runs it: the folder is observed first.
+    `loggers` replaces Dagster's console logger (e.g. {"console": brief_console}); otherwise this
+    is `dagster.materialize`, which takes no loggers.
     """
-    from dagster import materialize
-
     definitions = build_definitions(config_path, device)
-    return materialize(
-        [*definitions.assets, *definitions.asset_checks], resources=definitions.resources, instance=instance,
-        selection=EVERYTHING if selection is None else selection, **kwargs,
-    )
+    job = Definitions(
+        assets=[*definitions.assets, *definitions.asset_checks], resources=definitions.resources, loggers=loggers,
+        jobs=[define_asset_job(IN_PROCESS_JOB, EVERYTHING if selection is None else selection)],
+    ).resolve_job_def(IN_PROCESS_JOB)
+    if loggers:  # a run config without a `loggers` section gets Dagster's default console logger
+        run_config = {**(run_config or {}), "loggers": {name: {} for name in loggers}}
+    return job.execute_in_process(run_config=run_config, instance=instance, **kwargs)
 
 
 @definitions

@@ -20,6 +20,7 @@ from .config import FLAVOUR_REPOS, FLAVOURS, ChromaConfig, ConfigError, config_f
 from .dataset import IMAGE_SUFFIXES
 from .demo_data import demo_config
 from .device import DeviceInfo, detect_device
+from .errors import UserError, run_command
 from .memory import AUTO_ORDER, AUTO_SHARE, choose_precision
 from .quantized_base import estimates_for
 from .storage import write_bytes_atomic
@@ -29,7 +30,7 @@ PRECISIONS = typing.get_args(ChromaConfig.model_fields["base_model_precision"].a
 GIB = 2**30
 
 
-class WizardError(Exception):
+class WizardError(UserError):
     """A flag value or a situation the wizard refuses; the message says what to do."""
 
 
@@ -352,8 +353,10 @@ def cli(argv: list[str] | None = None) -> int:
     if argv[:1] != ["configure"]:
         print("usage: chroma-pipeline configure [flags]   (chroma-pipeline configure --help lists them)", file=sys.stderr)
         return 2
-    return main(argv[1:], prog="chroma-pipeline configure")
+    prog = "chroma-pipeline configure"
+    return run_command(lambda args: main(args, prog=prog), prog, argv[1:])
 
 
 if __name__ == "__main__":
-    sys.exit(main(prog="python -m chroma_pipeline.configure"))
+    prog = "python -m chroma_pipeline.configure"
+    sys.exit(run_command(lambda args: main(args, prog=prog), prog))

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from .config import ChromaConfig
 from .databackend import ImageDataset, sample_path
 from .dataset import ManifestRow, ScanOptions, scan_dataset, usable, write_manifest
+from .errors import DatasetError
 from .layout import Layout, StepResult
 from .sources import scan_huggingface
 from .storage import combine_hashes
@@ -53,7 +54,7 @@ def scan_options(config: ChromaConfig, dataset: ImageDataset) -> ScanOptions:
 def scan_one(config: ChromaConfig, dataset: ImageDataset) -> list[ManifestRow]:
     options = scan_options(config, dataset)
     if options.caption_strategy == "instanceprompt" and not options.instance_prompt:
-        raise ValueError(f"{dataset.describe()}: caption_strategy 'instanceprompt' needs `instance_prompt`, "
+        raise DatasetError(f"{dataset.describe()}: caption_strategy 'instanceprompt' needs `instance_prompt`, "
                          "the caption every image gets")
     if dataset.type == "huggingface":
         rows = scan_huggingface(dataset, options)
@@ -82,7 +83,7 @@ def build_manifest(config: ChromaConfig, layout: Layout) -> tuple[StepResult, li
         dataset = empty[0]
         reasons = Counter(row.skip_reason for row in rows if row.dataset == dataset.id)
         detail = ", ".join(f"{n} {reason}" for reason, n in reasons.items()) or "no image files found"
-        raise ValueError(
+        raise DatasetError(
             f"no usable sample in {dataset.describe()} ({dataset.root}: {detail}). Each image needs a caption: a "
             "file with the same name and a .txt suffix (photo.jpg -> photo.txt), a metadata table, or a "
             "caption_strategy of filename or instanceprompt."
