@@ -9,6 +9,7 @@ load fails the code location with the reason.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -22,9 +23,11 @@ from dagster import (
     DagsterInvalidDefinitionError,
     DefaultSensorStatus,
     Definitions,
+    MetadataValue,
     PipesSubprocessClient,
     define_asset_job,
     definitions,
+    get_dagster_logger,
     in_process_executor,
     map_asset_specs,
 )
@@ -40,6 +43,8 @@ from .dataset_folder import DATASET_FOLDER, dataset_folder
 from .watch import build_retrain_schedule, dataset_scan, dataset_watch
 
 DEFAULT_CONFIG = "chroma-demo/config.jsonc"
+CONFIG_NOTES = "config notes"  # the definition metadata entry holding what loading the config warned about
+LOAD_LOG = get_dagster_logger("chroma_pipeline")
 # Everything, the observed folder included: a full run observes the folder before it scans it.
 EVERYTHING = AssetSelection.assets(DATASET_FOLDER) | AssetSelection.all()
 IN_PROCESS_JOB = "__ephemeral_asset_job__"  # the name dagster.materialize gives its job, kept for the run list
@@ -54,13 +59,18 @@ def make_resources(config_path: str | None = None, device: str | None = None) ->
     }
 
 
-def chain_assets(config: ChromaConfig) -> list:
-    """The assets with code versions from `config` and the automation condition on every derived asset."""
+def chain_assets(config: ChromaConfig, notes: list[str] = ()) -> list:
+    """The assets with code versions from `config` and the automation condition on every derived asset.
+
+    `notes` (what loading the config warned about) go into every asset's definition metadata, so
+    the UI shows them on whichever asset you open, before any run.
+    """
 
     def configure(spec: AssetSpec) -> AssetSpec:
         step = spec.key.path[0]
         condition = None if step == "raw_dataset" else on_unsynced()  # the scan is started by a person
-        return spec.replace_attributes(code_version=step_code_version(config, step), automation_condition=condition)
+        spec = spec.replace_attributes(code_version=step_code_version(config, step), automation_condition=condition)
+        return spec.merge_attributes(metadata={CONFIG_NOTES: MetadataValue.text("\n".join(notes))}) if notes else spec
 
     return map_asset_specs(configure, ALL_ASSETS)
 
@@ -91,13 +101,26 @@ def chain_jobs() -> list:
     ]
 
 
+def load_config_noting(config_path: str) -> tuple[ChromaConfig, list[str]]:
+    """The config, and its notes (unknown keys, SimpleTuner keys read as ours, ...), each logged once.
+
+    Logged here, when the code location loads, they show in `dagster dev`'s terminal (and
+    `dagster definitions validate`'s output) as soon as the file is read, not only in a run's log.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # every note, even one this process printed before
+        config = load_config(config_path)
+    notes = list(dict.fromkeys(str(warning.message) for warning in caught))
+    for note in notes:
+        LOAD_LOG.warning(note)
+    return config, notes
+
+
 def build_definitions(config_path: str | None = None, device: str | None = None) -> Definitions:
     resources = make_resources(config_path, device)
     # A config that does not load fails the code location with the reason: guessing code
     # versions instead would make every asset look unsynced and start runs bound to fail.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # unknown keys are reported again in each run's log
-        config = load_config(resources["chroma"].config_path)
+    config, notes = load_config_noting(resources["chroma"].config_path)
     try:
         ZoneInfo(config.retrain_timezone)
     except (ZoneInfoNotFoundError, ValueError):
@@ -123,7 +146,7 @@ def build_definitions(config_path: str | None = None, device: str | None = None)
     # One process for the whole run: the VAE, T5 and the transformer must not be loaded side
     # by side by parallel steps, and every step runs on the same accelerator anyway.
     return Definitions(
-        assets=[dataset_folder, *chain_assets(config)], asset_checks=ALL_CHECKS, resources=resources,
+        assets=[dataset_folder, *chain_assets(config, notes)], asset_checks=ALL_CHECKS, resources=resources,
         jobs=chain_jobs(), sensors=[automation, dataset_watch], schedules=[retrain],
         executor=in_process_executor,
     )
@@ -150,4 +173,11 @@ def materialize_chain(config_path: str, instance, selection=None, device: str | 
 @definitions
 def defs() -> Definitions:
     """Loaded when Dagster loads the code location, not when this module is imported."""
+    return _location_definitions()
+
+
+@functools.cache
+def _location_definitions() -> Definitions:
+    # Dagster calls `defs` twice per load (to find it, then to build the repository); one build
+    # reads the config once and logs its notes once. A reload starts a new process.
     return build_definitions()
