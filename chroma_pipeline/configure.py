@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import typing
 import warnings
 from pathlib import Path
 
+from .commands import dagster_dev_command
 from .config import FLAVOUR_REPOS, FLAVOURS, ChromaConfig, ConfigError, config_from_dict, load_config
 from .dataset import IMAGE_SUFFIXES
 from .demo_data import demo_config
@@ -343,7 +345,10 @@ def run(args) -> int:
         load_config(config_path)
     for warning in caught:
         print(f"  note: {warning.message}")
-    print(f"Next: CHROMA_CONFIG={config_path} dagster dev   (or python -m chroma_pipeline.train --config {config_path})")
+    # Absolute paths throughout: both commands work from any folder.
+    config_file = config_path.resolve()
+    train = f"{shlex.quote(sys.executable)} -m chroma_pipeline.train --config {shlex.quote(str(config_file))}"
+    print(f"Next: {dagster_dev_command({'CHROMA_CONFIG': str(config_file)})}   (or {train})")
     return 0
 
 
