@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shlex
 import sys
 from pathlib import Path
@@ -19,10 +18,13 @@ def dagster_dev_command(env: dict[str, str]) -> str:
     folder cannot shadow ours. The `dagster` beside this Python is named by its path, so the
     command works without activating the virtual environment.
     """
-    spec = importlib.util.find_spec(CODE_LOCATION.split(".")[0])  # finds the package without importing it
-    package_parent = Path(next(iter(spec.submodule_search_locations))).parent
     dagster = Path(sys.executable).with_name("dagster")  # not resolved: a venv's python is a symlink
     program = str(dagster) if dagster.exists() else "dagster"
     words = [f"{key}={shlex.quote(str(value))}" for key, value in env.items()]
-    words += [shlex.quote(program), "dev", "-m", CODE_LOCATION, "-d", shlex.quote(str(package_parent))]
+    words += [shlex.quote(program), "dev", "-m", CODE_LOCATION]
+    # The distribution installs `assets` beside this package (site-packages, or the checkout for
+    # an editable install); found from here, not from sys.path, where the current folder comes first.
+    package_parent = Path(__file__).resolve().parents[1]
+    if (package_parent / Path(*CODE_LOCATION.split("."))).with_suffix(".py").is_file():
+        words += ["-d", shlex.quote(str(package_parent))]
     return " ".join(words)
