@@ -3,9 +3,11 @@
 import json
 import time
 import urllib.request
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import yaml
 from dagster import DagsterInstance
 
 from assets import demo
@@ -85,3 +87,10 @@ def test_the_browse_command_chroma_demo_prints_works_from_another_folder(small_p
     assert location["__typename"] == "RepositoryLocation", location
     assets = {node["id"].rsplit(".", 1)[-1] for node in location["repositories"][0]["assetNodes"]}
     assert {"raw_dataset/images", "lora_adapter", "validation_grid"} <= assets
+
+
+def test_the_readme_shows_the_settings_the_demo_writes():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("The demo's `DAGSTER_HOME` holds this `dagster.yaml`", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    assert yaml.safe_load(block) == INSTANCE_SETTINGS
+    assert yaml.safe_load(demo.instance_yaml()) == INSTANCE_SETTINGS
