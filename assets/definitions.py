@@ -157,8 +157,8 @@ def materialize_chain(config_path: str, instance, selection=None, device: str | 
     """Materialize (part of) the chain in-process, with the code versions the code location would give.
 
     Without a selection, the whole chain as `full_chain` runs it: the folder is observed first.
-    `loggers` replaces Dagster's console logger (e.g. {"console": brief_console}); otherwise this
-    is `dagster.materialize`, which takes no loggers.
+    It does what `dagster.materialize` does, which cannot take `loggers`: they replace Dagster's
+    console logger (e.g. {"console": brief_console}).
     """
     definitions = build_definitions(config_path, device)
     job = Definitions(
