@@ -42,7 +42,7 @@ def load_config_for(context: AssetExecutionContext, chroma: ChromaConfigResource
     edited and the code location not reloaded: the run would record the wrong settings and
     Dagster's "unsynced" would stop telling the truth.
     """
-    config = chroma.load(context.log)
+    config = chroma.load()  # its notes went to the run's log when the resource was set up
     defined = next(iter(context.assets_def.code_versions_by_key.values()))
     if defined is not None and defined != step_code_version(config, step):
         raise Failure(

@@ -72,7 +72,7 @@ def observe_if_changed(
     description="The images, caption files and metadata tables under `instance_data_dir`, by content.",
 )
 def dataset_folder(context, chroma: ChromaConfigResource, store: ArtifactStore) -> ObserveResult:
-    config = chroma.load(context.log)
+    config = chroma.load()  # its notes went to the run's log when the resource was set up
     layout = store.layout(config)
     fingerprint = fingerprint_config_datasets(config, layout.dataset_memo)
     metadata = _observation_metadata(fingerprint, layout)

@@ -15,6 +15,7 @@ would then see them as unsynced on every tick.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -28,9 +29,11 @@ from dagster import (
     DagsterInvalidDefinitionError,
     DefaultSensorStatus,
     Definitions,
+    MetadataValue,
     PipesSubprocessClient,
     define_asset_job,
     definitions,
+    get_dagster_logger,
     in_process_executor,
     map_asset_specs,
 )
@@ -47,8 +50,11 @@ from .watch import build_retrain_schedule, dataset_scan, dataset_watch
 
 DEFAULT_CONFIG = "chroma-demo/config.jsonc"
 LOADED_SETTINGS = "chroma/loaded_settings"  # the reconstruction metadata key
+CONFIG_NOTES = "config notes"  # the definition metadata entry holding what loading the config warned about
+LOAD_LOG = get_dagster_logger("chroma_pipeline")
 # Everything, the observed folder included: a full run observes the folder before it scans it.
 EVERYTHING = AssetSelection.assets(DATASET_FOLDER) | AssetSelection.all()
+IN_PROCESS_JOB = "__ephemeral_asset_job__"  # the name dagster.materialize gives its job, kept for the run list
 
 
 def make_resources(config_path: str | None = None, device: str | None = None) -> dict:
@@ -60,13 +66,18 @@ def make_resources(config_path: str | None = None, device: str | None = None) ->
     }
 
 
-def chain_assets(config: ChromaConfig) -> list:
-    """The assets with code versions from `config` and the automation condition on every derived asset."""
+def chain_assets(config: ChromaConfig, notes: list[str] = ()) -> list:
+    """The assets with code versions from `config` and the automation condition on every derived asset.
+
+    `notes` (what loading the config warned about) go into every asset's definition metadata, so
+    the UI shows them on whichever asset you open, before any run.
+    """
 
     def configure(spec: AssetSpec) -> AssetSpec:
         step = spec.key.path[0]
         condition = None if step == "raw_dataset" else on_unsynced()  # the scan is started by a person
-        return spec.replace_attributes(code_version=step_code_version(config, step), automation_condition=condition)
+        spec = spec.replace_attributes(code_version=step_code_version(config, step), automation_condition=condition)
+        return spec.merge_attributes(metadata={CONFIG_NOTES: MetadataValue.text("\n".join(notes))}) if notes else spec
 
     return map_asset_specs(configure, ALL_ASSETS)
 
@@ -97,15 +108,28 @@ def chain_jobs() -> list:
     ]
 
 
+def load_config_noting(config_path: str) -> tuple[ChromaConfig, list[str]]:
+    """The config, and its notes (unknown keys, SimpleTuner keys read as ours, ...), each logged once.
+
+    Logged here, when the code location loads, they show in `dagster dev`'s terminal (and
+    `dagster definitions validate`'s output) as soon as the file is read, not only in a run's log.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # every note, even one this process printed before
+        config = load_config(config_path)
+    notes = list(dict.fromkeys(str(warning.message) for warning in caught))
+    for note in notes:
+        LOAD_LOG.warning(note)
+    return config, notes
+
+
 def build_definitions(config_path: str | None = None, device: str | None = None,
                       loaded_settings: str | None = None) -> Definitions:
     """The code location; `loaded_settings` is the settings it counts as loaded (None: the file as it is now)."""
     resources = make_resources(config_path, device)
     # A config that does not load fails the code location with the reason: guessing code
     # versions instead would make every asset look unsynced and start runs bound to fail.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # unknown keys are reported again in each run's log
-        config = load_config(resources["chroma"].config_path)
+    config, notes = load_config_noting(resources["chroma"].config_path)
     loaded_settings = loaded_settings or settings_snapshot(config, ALL_STEP_SETTINGS)
     # A new instance, not model_copy: Dagster rebuilds a resource from its constructor's arguments.
     resources["chroma"] = ChromaConfigResource(config_path=resources["chroma"].config_path, loaded_settings=loaded_settings)
@@ -134,29 +158,42 @@ def build_definitions(config_path: str | None = None, device: str | None = None,
     # One process for the whole run: the VAE, T5 and the transformer must not be loaded side
     # by side by parallel steps, and every step runs on the same accelerator anyway.
     return Definitions(
-        assets=[dataset_folder, *chain_assets(config)], asset_checks=ALL_CHECKS, resources=resources,
+        assets=[dataset_folder, *chain_assets(config, notes)], asset_checks=ALL_CHECKS, resources=resources,
         jobs=chain_jobs(), sensors=[automation, dataset_watch], schedules=[retrain],
         executor=in_process_executor,
     )
 
 
-def materialize_chain(config_path: str, instance, selection=None, device: str | None = None, **kwargs):
+def materialize_chain(config_path: str, instance, selection=None, device: str | None = None, loggers=None,
+                      run_config=None, **kwargs):
     """Materialize (part of) the chain in-process, with the code versions the code location would give.
 
     Without a selection, the whole chain as `full_chain` runs it: the folder is observed first.
+    It does what `dagster.materialize` does, which cannot take `loggers`: they replace Dagster's
+    console logger (e.g. {"console": brief_console}).
     """
-    from dagster import materialize
-
     definitions = build_definitions(config_path, device)
-    return materialize(
-        [*definitions.assets, *definitions.asset_checks], resources=definitions.resources, instance=instance,
-        selection=EVERYTHING if selection is None else selection, **kwargs,
-    )
+    job = Definitions(
+        assets=[*definitions.assets, *definitions.asset_checks], resources=definitions.resources, loggers=loggers,
+        jobs=[define_asset_job(IN_PROCESS_JOB, EVERYTHING if selection is None else selection)],
+    ).resolve_job_def(IN_PROCESS_JOB)
+    if loggers:  # a run config without a `loggers` section gets Dagster's default console logger
+        run_config = {**(run_config or {}), "loggers": {name: {} for name in loggers}}
+    return job.execute_in_process(run_config=run_config, instance=instance, **kwargs)
 
 
 @definitions
 def defs() -> Definitions:
-    """Loaded when Dagster loads the code location, not when this module is imported.
+    """Loaded when Dagster loads the code location, not when this module is imported."""
+    return _location_definitions()
+
+
+@functools.cache
+def _location_definitions() -> Definitions:
+    """The code location, built once per process.
+
+    Dagster calls `defs` twice per load (to find it, then to build the repository); one build
+    reads the config once and logs its notes once. A reload starts a new process.
 
     A run worker imports this module afresh, so on its own it would see the config file as it
     is now. Dagster carries "reconstruction metadata" from the code server's load to each run's

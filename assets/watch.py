@@ -73,7 +73,7 @@ def config_change_notes(changes: dict[str, str]) -> list[AssetObservation]:
                     "file changed since the code location loaded (runs nothing)")
 def dataset_watch(context: SensorEvaluationContext, chroma: ChromaConfigResource, store: ArtifactStore):
     try:
-        config = chroma.load(context.log)
+        config = chroma.load()  # notes are logged at load and in runs, not on every tick
         changes = chroma.changes_since_load(config)
     except ConfigError as error:  # mid-edit, perhaps: say so, and look again next tick
         return SkipReason(f"the config file does not load ({error}); runs will fail until it does")
@@ -114,7 +114,7 @@ def build_retrain_schedule(config: ChromaConfig):
                     "chroma_automation retrains what that makes unsynced",
     )
     def nightly_retrain(context: ScheduleEvaluationContext, chroma: ChromaConfigResource, store: ArtifactStore):
-        config = chroma.load(context.log)
+        config = chroma.load()  # notes are logged at load and in runs, not on every tick
         fingerprint = fingerprint_config_datasets(config, store.layout(config).dataset_memo)
         if fingerprint.version == last_scanned_fingerprint(context.instance):
             return SkipReason(f"the dataset ({len(fingerprint.files)} files) has not changed since the last scan")

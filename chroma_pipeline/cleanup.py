@@ -15,6 +15,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import run_command
 from .latents import ENTRY_TENSORS, read_latent_index
 from .layout import Layout
 from .shards import ShardStore
@@ -86,4 +87,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_command(main, "python -m chroma_pipeline.cleanup"))

@@ -28,6 +28,7 @@ from .databackend import (
     did_you_mean,
     image_entries,
 )
+from .errors import UserError
 from .simpletuner import CONFIG_RULES, SimpleTunerKeyError, grouped, translate
 from .storage import parse_jsonc
 
@@ -44,7 +45,7 @@ ADDED_LATER = ("num_machines", "instance_prompt", "prepend_instance_prompt", "fl
                "dataset_scan", "dataset_framing", "dataset_mix", "data_backend_sampling")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file that cannot be used; the message says which key and what to do."""
 
 

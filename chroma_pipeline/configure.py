@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import typing
 import warnings
 from pathlib import Path
 
+from .commands import dagster_dev_command
 from .config import FLAVOUR_REPOS, FLAVOURS, ChromaConfig, ConfigError, config_from_dict, load_config
 from .dataset import IMAGE_SUFFIXES
 from .demo_data import demo_config
 from .device import DeviceInfo, detect_device
+from .errors import UserError, run_command
 from .memory import AUTO_ORDER, AUTO_SHARE, choose_precision
 from .quantized_base import estimates_for
 from .storage import write_bytes_atomic
@@ -29,7 +32,7 @@ PRECISIONS = typing.get_args(ChromaConfig.model_fields["base_model_precision"].a
 GIB = 2**30
 
 
-class WizardError(Exception):
+class WizardError(UserError):
     """A flag value or a situation the wizard refuses; the message says what to do."""
 
 
@@ -342,7 +345,10 @@ def run(args) -> int:
         load_config(config_path)
     for warning in caught:
         print(f"  note: {warning.message}")
-    print(f"Next: CHROMA_CONFIG={config_path} dagster dev   (or python -m chroma_pipeline.train --config {config_path})")
+    # Absolute paths throughout: both commands work from any folder.
+    config_file = config_path.resolve()
+    train = f"{shlex.quote(sys.executable)} -m chroma_pipeline.train --config {shlex.quote(str(config_file))}"
+    print(f"Next: {dagster_dev_command({'CHROMA_CONFIG': str(config_file)})}   (or {train})")
     return 0
 
 
@@ -352,8 +358,10 @@ def cli(argv: list[str] | None = None) -> int:
     if argv[:1] != ["configure"]:
         print("usage: chroma-pipeline configure [flags]   (chroma-pipeline configure --help lists them)", file=sys.stderr)
         return 2
-    return main(argv[1:], prog="chroma-pipeline configure")
+    prog = "chroma-pipeline configure"
+    return run_command(lambda args: main(args, prog=prog), prog, argv[1:])
 
 
 if __name__ == "__main__":
-    sys.exit(main(prog="python -m chroma_pipeline.configure"))
+    prog = "python -m chroma_pipeline.configure"
+    sys.exit(run_command(lambda args: main(args, prog=prog), prog))

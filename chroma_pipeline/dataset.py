@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from .buckets import DEFAULT_MAXIMUM_UPSCALE, bucket_for, upscale_needed
+from .errors import DatasetError
 from .images import open_rgb
 from .storage import read_rows, sha256_file, sha256_text, write_rows_atomic
 
@@ -95,7 +96,7 @@ def find_metadata(root: Path, options: ScanOptions) -> Path | None:
         return path
     found = [root / name for name in METADATA_FILES if (root / name).is_file() and is_inside(root / name, root)]
     if len(found) > 1:
-        raise ValueError(f"{root} has several metadata files ({', '.join(p.name for p in found)}); set metadata_file")
+        raise DatasetError(f"{root} has several metadata files ({', '.join(p.name for p in found)}); set metadata_file")
     return found[0] if found else None
 
 
@@ -113,7 +114,7 @@ def read_metadata_captions(path: Path, file_column: str, caption_column: str,
     else:
         records = pq.read_table(path).to_pylist()
     if records and (file_column not in records[0] or caption_column not in records[0]):
-        raise ValueError(
+        raise DatasetError(
             f"{path}: needs columns {file_column!r} and {caption_column!r} (found {sorted(records[0])}); "
             "set metadata_file_column / metadata_caption_column"
         )

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .errors import DeviceUnavailable
+
 
 @dataclass(frozen=True)
 class DeviceInfo:
@@ -80,16 +82,16 @@ def detect_device(preference: str = "auto") -> DeviceInfo:
         return DeviceInfo("cpu", "cpu", "cpu")
     if preference.startswith("cuda") or (preference == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device={preference!r} was asked for but torch sees no CUDA/ROCm GPU")
+            raise DeviceUnavailable(f"device={preference!r} was asked for but torch sees no CUDA/ROCm GPU")
         index = int(preference.split(":")[1]) if ":" in preference else 0
         kind = "rocm" if torch.version.hip else "cuda"
         return DeviceInfo(kind, torch.cuda.get_device_name(index), f"cuda:{index}")
     if preference == "mps" or (preference == "auto" and torch.backends.mps.is_available()):
         if not torch.backends.mps.is_available():
-            raise RuntimeError("device='mps' was asked for but this torch build has no MPS support")
+            raise DeviceUnavailable("device='mps' was asked for but this torch build has no MPS support")
         return DeviceInfo("mps", "Apple MPS", "mps")
     if preference != "auto":
-        raise RuntimeError(f"unknown device {preference!r}; use auto, cuda, cuda:N, mps or cpu")
+        raise DeviceUnavailable(f"unknown device {preference!r}; use auto, cuda, cuda:N, mps or cpu")
     return DeviceInfo("cpu", "cpu", "cpu")
 
 

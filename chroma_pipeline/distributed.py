@@ -19,6 +19,7 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
 from .device import DeviceInfo
+from .errors import UserError
 
 # Rank 0 renders and evaluates alone while the others wait in the next collective; at
 # 1024 px with many prompts that outlasts torch's default 10-minute timeout.
@@ -111,5 +112,5 @@ class StopRequest:
             signal.signal(sig, previous)
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(UserError, RuntimeError):
     """Training stopped on request after writing a checkpoint; re-running resumes from it."""

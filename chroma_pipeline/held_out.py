@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .batches import TrainingSample, load_batch
+from .errors import DatasetError
 from .flow import add_noise, flow_target, image_position_ids, pack_latents, predict_velocity
 
 # Held-out loss is measured at these sigmas with noise fixed by the seed, so the number moves
@@ -24,7 +25,7 @@ def split_held_out(samples: list[TrainingSample], share: float, seed: int):
                     key=lambda image: hashlib.sha256(f"{seed}:{image}".encode()).hexdigest())
     count = max(1, round(share * len(images)))
     if count >= len(images):
-        raise ValueError(f"validation_loss_share {share} of {len(images)} images leaves none to train on")
+        raise DatasetError(f"validation_loss_share {share} of {len(images)} images leaves none to train on")
     held = set(images[:count])
     return ([s for s in samples if s.latent.image_sha256 not in held],
             [s for s in samples if s.latent.image_sha256 in held])

@@ -17,6 +17,7 @@ import socket
 import sys
 
 from .config import ChromaConfig, load_config
+from .errors import run_command
 
 
 def _free_port() -> int:
@@ -59,4 +60,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_command(main, "python -m chroma_pipeline.launch"))

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import psutil
 
+from .errors import DoesNotFit
+
 
 class PeakRSS:
     """The highest resident set size of this process while the block runs, sampled every 20 ms.
@@ -158,7 +160,7 @@ def choose_precision(requested: str, estimates: dict[str, Estimate], device_kind
                 f"{device_free / 2**30:.1f} GiB free on {device_kind} ({estimates[precision].describe()})"
             )
     smallest = estimates[AUTO_ORDER[-1]]
-    raise MemoryError(
+    raise DoesNotFit(
         f"base_model_precision 'auto': even {smallest.describe()}, more than the {device_free / 2**30:.1f} GiB free "
         f"on {device_kind}. Free memory, lower resolution or train_batch_size, or use a larger device."
     )
@@ -167,6 +169,6 @@ def choose_precision(requested: str, estimates: dict[str, Estimate], device_kind
 def check_fits(needed: int, available: int, what: str, advice: str) -> None:
     """Stop before loading anything when the machine cannot hold it."""
     if needed > available:
-        raise MemoryError(
+        raise DoesNotFit(
             f"{what} needs about {needed / 2**30:.1f} GiB but only {available / 2**30:.1f} GiB is available. {advice}"
         )

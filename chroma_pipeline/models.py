@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .config import FLAVOUR_REPOS, ChromaConfig
+from .errors import UserError
 from .storage import sha256_file, write_json_atomic
 from .tiny import build_tiny_chroma
 
@@ -27,8 +28,8 @@ _ALLOW = ["model_index.json", *(f"{name}/*" for name in COMPONENTS)]
 _NEVER = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.msgpack", "*.onnx*"]
 
 
-class ModelSourceError(RuntimeError):
-    pass
+class ModelSourceError(UserError, RuntimeError):
+    """The model cannot be found or read where the config points; the message lists the ways to provide it."""
 
 
 def resolve_model_dir(config: ChromaConfig, models_root: Path) -> Path:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .config import KEEP_FULL_PRECISION  # the default of base_model_keep_full_precision
+from .errors import UserError
 from .storage import atomic_dir, combine_hashes, write_json_atomic
 
 # Quantized tensors go to disk in shards of this size, so the host never holds the whole result
@@ -32,7 +33,7 @@ QUANTO_PRECISIONS = ("int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto")
 BNB_PRECISIONS = ("nf4-bnb", "int8-bnb")
 
 
-class QuantizationUnavailable(RuntimeError):
+class QuantizationUnavailable(UserError, RuntimeError):
     """The precision cannot run on this device; the message names what can."""
 
 

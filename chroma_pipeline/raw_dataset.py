@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from .config import ChromaConfig
 from .databackend import ImageDataset, sample_path
 from .dataset import ManifestRow, ScanOptions, duplicate_reason, reason_group, scan_dataset, usable, write_manifest
+from .errors import DatasetError
 from .layout import Layout, StepResult
 from .sources import scan_huggingface
 from .storage import combine_hashes
@@ -53,7 +54,7 @@ def scan_options(config: ChromaConfig, dataset: ImageDataset) -> ScanOptions:
 def scan_one(config: ChromaConfig, dataset: ImageDataset) -> list[ManifestRow]:
     options = scan_options(config, dataset)
     if options.caption_strategy == "instanceprompt" and not options.instance_prompt:
-        raise ValueError(f"{dataset.describe()}: caption_strategy 'instanceprompt' needs `instance_prompt`, "
+        raise DatasetError(f"{dataset.describe()}: caption_strategy 'instanceprompt' needs `instance_prompt`, "
                          "the caption every image gets")
     if dataset.type == "huggingface":
         rows = scan_huggingface(dataset, options)
@@ -102,7 +103,7 @@ def build_manifest(config: ChromaConfig, layout: Layout) -> tuple[StepResult, li
     ok = usable(rows)
     empty = [d for d in config.image_datasets if not any(r.dataset == d.id for r in ok)]
     if empty:
-        raise ValueError(no_usable_sample_message(empty[0], [row for row in rows if row.dataset == empty[0].id]))
+        raise DatasetError(no_usable_sample_message(empty[0], [row for row in rows if row.dataset == empty[0].id]))
     write_manifest(rows, layout.manifest)
     versions = DatasetVersions(
         images=combine_hashes(*sorted(f"{r.path}:{r.image_sha256}" for r in ok)),

@@ -146,7 +146,7 @@ class ShardStore:
                          for shard, keys in rewritten.items())
             return len(removed), sum(p.stat().st_size for p in removed) - copied
         before = self._bytes_on_disk() + sum(p.stat().st_size for p in self.folder.glob(".*.tmp"))
-        for shard, keys in rewritten.items():
+        for keys in rewritten.values():
             for key in keys:
                 entry = self.get(key, names) if key in live_keys else None
                 if entry is not None:  # copied into a new shard; the map points there after the write below

@@ -20,6 +20,7 @@ import torch
 from .config import load_config
 from .device import detect_device
 from .distributed import process_state
+from .errors import run_command
 from .image_latents import build_latents
 from .layout import Layout
 from .lora_adapter import adapter_report, build_adapter
@@ -86,4 +87,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_command(main, "python -m chroma_pipeline.train"))

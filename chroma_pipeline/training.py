@@ -33,6 +33,7 @@ from .checkpoints import newest_usable, restore_checkpoint, save_checkpoint
 from .config import ChromaConfig
 from .device import DeviceInfo
 from .distributed import StopRequest, TrainingStopped, any_rank, keep_frozen_weights_out_of_ddp, make_accelerator
+from .errors import DeviceUnavailable
 from .flow import add_noise, flow_target, image_position_ids, pack_latents, predict_velocity, sample_sigmas
 from .held_out import held_out_loss, split_held_out
 from .lora import load_initial_adapter, lora_config, save_adapter
@@ -63,7 +64,7 @@ class TrainingResult:
 def make_optimizer(config: ChromaConfig, parameters, device: torch.device):
     if config.optimizer == "adamw8bit":
         if torch.device(device).type != "cuda":
-            raise RuntimeError(
+            raise DeviceUnavailable(
                 f"optimizer 'adamw8bit' needs bitsandbytes on a CUDA or ROCm GPU, and this run is on {device}; "
                 "use 'adamw' (or 'adafactor' for less optimizer memory)"
             )

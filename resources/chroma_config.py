@@ -21,8 +21,9 @@ class ChromaConfigResource(ConfigurableResource):
     loaded_settings: str = ""
 
     def setup_for_execution(self, context: InitResourceContext) -> None:
-        # The config's notes are logged by the step that reads it (`load(context.log)`), not here too.
-        config = self.load()
+        # Resources are set up once per run (one process: in_process_executor), so the config's notes
+        # go to the run's log here, once, and the steps load it without logging them again.
+        config = self.load(context.log if context.dagster_run is not None else None)
         changes = self.changes_since_load(config) if context.dagster_run is not None else {}  # sensors just report it
         if changes:
             raise ConfigError(stale_code_location_advice(self.config_path, changes))

@@ -1,6 +1,5 @@
 """Latent and embedding caches: only what changed is encoded, and a bad entry is never trusted."""
 
-import os
 from pathlib import Path
 
 import pytest

@@ -6,20 +6,15 @@ with that reason, except in CI, where it must run. Screenshots land in
 `test-artifacts/ui/` (or $CHROMA_TEST_ARTIFACTS); the README shows two of them.
 """
 
-import contextlib
 import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.dagster_dev import serve as dagster_dev_server
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -61,12 +56,6 @@ def browser():
         browser.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _dagster_home(tmp_path: Path) -> Path:
     home = tmp_path / "dagster_home"
     home.mkdir(exist_ok=True)
@@ -75,42 +64,15 @@ def _dagster_home(tmp_path: Path) -> Path:
     return home
 
 
-@contextlib.contextmanager
 def serve(home: Path, config: Path, log_path: Path):
-    """`dagster dev` on 127.0.0.1 with its own DAGSTER_HOME; yields the UI's address."""
-    port = _free_port()
-    env = {**os.environ, "DAGSTER_HOME": str(home), "CHROMA_CONFIG": str(config), "CHROMA_DEVICE": "cpu",
-           "HF_HUB_OFFLINE": "1"}
-    log = open(log_path, "w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "dagster", "dev", "-h", "127.0.0.1", "-p", str(port), "-w", str(REPO / "workspace.yaml")],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(180):
-            try:
-                urllib.request.urlopen(f"{url}/server_info", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, log_path.read_text()[-3000:]
-                time.sleep(1)
-        yield url
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)  # dagster dev, its daemon, code server and runs
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-        log.close()
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        shutil.copy(log_path, ARTIFACTS / log_path.name)
+    """`dagster dev` (tests/dagster_dev.py), its log kept beside the screenshots."""
+    return dagster_dev_server(home, config, log_path, keep_log_in=ARTIFACTS)
 
 
 @pytest.fixture
 def dagster_dev(small_project, tmp_path):
-    with serve(_dagster_home(tmp_path), small_project, tmp_path / "dagster-dev.log") as url:
-        yield url
+    with serve(_dagster_home(tmp_path), small_project, tmp_path / "dagster-dev.log") as server:
+        yield server.url
 
 
 def _dismiss_welcome(page):
@@ -189,7 +151,8 @@ def test_a_failed_blocking_check_is_shown_with_its_reason_and_training_did_not_r
     assert not result.success
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with serve(home, small_project, tmp_path / "dagster-dev-failed-check.log") as url:
+    with serve(home, small_project, tmp_path / "dagster-dev-failed-check.log") as server:
+        url = server.url
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
         page.goto(f"{url}/assets/image_latents?view=checks", timeout=120_000)
         _dismiss_welcome(page)
