@@ -25,7 +25,7 @@ from chroma_pipeline.errors import run_command, traceback_wanted
 RUN_QUEUE = {"max_concurrent_runs": 1}
 # Dagster's run monitoring (its daemon, which `dagster dev` runs). A run whose worker dies while
 # `dagster dev` is up is marked failed by the code server at once, with or without this; these
-# cover what it cannot see. Values, and why:
+# cover what it cannot see: a run left behind by a crash of dagster dev itself. Values, and why:
 RUN_MONITORING = {
     "enabled": True,
     # A run still STARTING after this long has no worker (it died before it started, or `dagster
@@ -38,11 +38,15 @@ RUN_MONITORING = {
     # The local run launcher cannot resume a run in a new worker; Dagster refuses a value above 0.
     "max_resume_run_attempts": 0,
     # How often the daemon looks (each look logs a line per unfinished run in dagster dev's
-    # terminal): once a minute, not Dagster's two, so a run left STARTING by a crash stops holding
-    # the one run slot at most a minute after its start timeout has passed and dagster dev is back.
+    # terminal): once a minute, not Dagster's two, so a run left behind by a crash stops holding
+    # the one run slot at most a minute after dagster dev is back (after its start timeout, if it
+    # was still starting).
     "poll_interval_seconds": 60,
 }
-INSTANCE_SETTINGS = {"run_queue": RUN_QUEUE, "run_monitoring": RUN_MONITORING}
+# Dagster's default launcher, able to answer run monitoring's "is the worker alive?" (see
+# resources/run_launcher.py): a run left STARTED by a crash of dagster dev is marked failed.
+RUN_LAUNCHER = {"module": "resources.run_launcher", "class": "LocalRunLauncher"}
+INSTANCE_SETTINGS = {"run_queue": RUN_QUEUE, "run_monitoring": RUN_MONITORING, "run_launcher": RUN_LAUNCHER}
 # What chroma-demo wrote before run monitoring: a file exactly like this holds no edit of yours.
 OLDER_DEMO_INSTANCE = "run_queue:\n  max_concurrent_runs: 1\n"
 

@@ -57,7 +57,7 @@ def test_an_older_demo_instance_gets_run_monitoring_and_an_edited_one_is_left_al
     (edited / "dagster.yaml").write_text(mine)
     note = prepare_instance(edited)
     assert (edited / "dagster.yaml").read_text() == mine  # not a byte changed
-    assert "has no run_monitoring setting; left as it is" in note and "README 'The Dagster UI'" in note
+    assert "has no run_monitoring or run_launcher setting; left as it is" in note and "README 'The Dagster UI'" in note
 
     complete = tmp_path / "complete"
     complete.mkdir()

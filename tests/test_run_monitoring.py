@@ -14,6 +14,7 @@ from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus
 from dagster_graphql import DagsterGraphQLClient
 
 from assets.demo import INSTANCE_SETTINGS, RUN_MONITORING
+from resources.run_launcher import worker_alive
 from tests.dagster_dev import serve
 
 pytestmark = pytest.mark.slow
@@ -69,7 +70,21 @@ def test_a_run_whose_process_was_killed_is_marked_failed(small_project, tmp_path
     # dagster dev is back. The start timeout is shortened only now: run 1 above needed the
     # demo's 180 s to boot its worker on a busy 2-core machine.
     write_instance(home, poll_interval_seconds=1, start_timeout_seconds=3)
-    with serve(home, small_project, tmp_path / "dagster-dev-again.log"):
+    with serve(home, small_project, tmp_path / "dagster-dev-again.log") as server:
         assert wait_for(instance, orphan, {DagsterRunStatus.FAILURE}, 60) == DagsterRunStatus.FAILURE
-    said = " ".join(entry.message for entry in instance.all_logs(orphan))
-    assert "taking longer than 3 seconds to start" in said
+        said = " ".join(entry.message for entry in instance.all_logs(orphan))
+        assert "taking longer than 3 seconds to start" in said
+
+        # 3. dagster dev dies while a run is in progress: its worker dies with it (one process group).
+        client = DagsterGraphQLClient("127.0.0.1", port_number=server.port)
+        left_started = client.submit_job_execution("full_chain")
+        wait_for(instance, left_started, {DagsterRunStatus.STARTED}, 120)
+        worker = worker_pid(instance, left_started)
+        server.crash()
+    assert instance.get_run_by_id(left_started).status == DagsterRunStatus.STARTED
+    assert not worker_alive(worker, left_started)
+
+    with serve(home, small_project, tmp_path / "dagster-dev-third.log"):  # the launcher sees the worker is gone
+        assert wait_for(instance, left_started, {DagsterRunStatus.FAILURE}, 60) == DagsterRunStatus.FAILURE
+    said = " ".join(entry.message for entry in instance.all_logs(left_started))
+    assert f"the run's worker process (pid {worker}) is gone" in said
