@@ -16,6 +16,7 @@ import json
 
 import psutil
 from dagster import DagsterEventType, DagsterRun, DefaultRunLauncher
+
 # The return types of the RunLauncher interface's health check; Dagster exports the launcher, not these.
 from dagster._core.launcher import CheckRunHealthResult, WorkerStatus
 
