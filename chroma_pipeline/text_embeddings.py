@@ -79,6 +79,7 @@ def build_embeddings(config: ChromaConfig, layout: Layout, device: DeviceInfo, l
         max_length=config.tokenizer_max_length, padding=config.flux_t5_padding,
         device=device.torch_device, dtype=dtype, log=log,
         known_tokens={e.cache_key: e.tokens for e in previous_entries if e.tokens is not None},
+        known_finite={e.cache_key: e.finite for e in previous_entries if e.finite is not None},
         load_tokenizer=lambda: models.load_tokenizer(model_dir),
     )
     gc.collect()  # the encoder is out of scope now; make sure its memory goes back before training
