@@ -17,7 +17,7 @@ from .config import ChromaConfig
 from .dataset import read_manifest, usable
 from .device import DeviceInfo
 from .flow import image_position_ids, pack_latents, predict_velocity
-from .latents import latent_entry_present, load_latent_entry, read_latent_index
+from .latents import load_latent_entry, read_latent_index
 from .layout import Layout
 from .lora import apply_adapter
 from .quantized_base import decided_precision, load_base_transformer, quantized_key
@@ -56,8 +56,9 @@ def _outcome(problems: list[str], ok: str, bad: str, counts: dict) -> CheckOutco
 def latents_complete_and_finite(config: ChromaConfig, layout: Layout) -> CheckOutcome:
     """Every usable image of the scan has a cached latent of its bucket's shape with finite values.
 
-    What the last run encoded is read back; the rest is checked from its shard's header and the
-    finiteness seen when it was encoded (`deep_cache_checks: true` reads every tensor instead).
+    What the last run encoded is read back; the rest is trusted from the index the step wrote
+    after finding each entry in its shard's header, with the finiteness seen when it was encoded
+    (`deep_cache_checks: true` reads every tensor instead).
     """
     channels = models.vae_config(models.resolve_model_dir(config, layout.models_dir))["latent_channels"]
     scanned = {row.path: row.image_sha256 for row in usable(read_manifest(layout.manifest))}
@@ -72,13 +73,11 @@ def latents_complete_and_finite(config: ChromaConfig, layout: Layout) -> CheckOu
             read_back += 1
             if load_latent_entry(store, entry, channels) is None:
                 problems.append(f"{path}: latent missing, wrong shape or not finite (NaN/inf)")
-        elif not latent_entry_present(store, entry, channels):
-            problems.append(f"{path}: latent missing or of the wrong shape")
-        elif not entry.finite:
+        elif not entry.finite:  # the step found it in its shard's header, of its shape, when it wrote the index
             problems.append(f"{path}: latent not finite (NaN/inf)")
     return _outcome(
         problems, f"all {len(scanned)} usable images have finite latents ({read_back} read back, the others "
-        "checked from their shard headers and the values seen when they were encoded)",
+        "trusted from the index the step wrote after checking their shard headers)",
         "{n} usable images have no usable latent, first: {first}. Re-materialize image_latents; if it persists, "
         "the VAE produces NaN at this precision (try mixed_precision 'no' or 'bf16').",
         {"usable images": len(scanned), "bad latents": len(problems), "read back": read_back},
@@ -90,8 +89,9 @@ def embeddings_follow_mask_rule(config: ChromaConfig, layout: Layout) -> CheckOu
 
     What the last run encoded is read back, and its text tokenized again to count its real
     tokens independently (a text that fills `tokenizer_max_length` has no padding left to open).
-    The rest is checked from its file's header (it stores exactly the open positions) against
-    the token count and finiteness kept in the index; `deep_cache_checks: true` reads them all.
+    The rest is checked from the index the step wrote: the open positions each file's header
+    showed (a file stores exactly those) against the token count, and the finiteness seen at
+    encoding; `deep_cache_checks: true` reads them all.
     """
     model_dir = models.resolve_model_dir(config, layout.models_dir)
     width = models.text_width(model_dir)
@@ -109,8 +109,10 @@ def embeddings_follow_mask_rule(config: ChromaConfig, layout: Layout) -> CheckOu
             tokenizer = tokenizer or models.load_tokenizer(model_dir)
             tokens = len(tokenizer(entry.text, max_length=max_length, truncation=True)["input_ids"])
             opened = int(cached["attention_mask"].sum())
-        else:
-            opened = embedding_open_positions(layout.embedding_dir, entry.cache_key, max_length, width)
+        else:  # the step read these from the file's header when it wrote the index
+            opened = entry.stored_positions
+            if opened is None:  # an index from before the count was kept
+                opened = embedding_open_positions(layout.embedding_dir, entry.cache_key, max_length, width)
             if opened is None or not entry.finite:
                 problems.append(f"{name}: embedding missing, corrupt or not finite (NaN/inf)")
                 continue
@@ -121,7 +123,7 @@ def embeddings_follow_mask_rule(config: ChromaConfig, layout: Layout) -> CheckOu
             problems.append(f"{name}: {opened} open mask positions, expected {tokens} tokens + 1 padding = {expected}")
     return _outcome(
         problems, f"all {len(entries)} embeddings keep their tokens plus one padding token ({read_back} read back, "
-        "the others checked from their headers and the counts kept when they were encoded)",
+        "the others checked from the counts the step kept in the index)",
         "{n} embeddings break the Chroma mask rule, first: {first}. Re-materialize text_embeddings.",
         {"embeddings": len(entries), "bad embeddings": len(problems), "truncated texts": truncated,
          "read back": read_back},

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 import json
 import os
@@ -147,6 +149,16 @@ def combine_hashes(*parts: str) -> str:
 
 
 def parse_jsonc(text: str):
+    """JSON with comments and trailing commas (see `_parse_jsonc`); parsed once per distinct text.
+
+    A run reads its config in several places, and json5's parser is pure Python (60 ms for the
+    demo's config): each caller gets its own copy of the one parse.
+    """
+    return copy.deepcopy(_parse_jsonc(text))
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_jsonc(text: str):
     """JSON with comments and trailing commas (json5), with escaped surrogate pairs joined.
 
     Python's json.dump writes an emoji as "\\ud83d\\udfeb"; json5 keeps those as two lone

@@ -33,6 +33,7 @@ class EmbeddingEntry:
     # entry from its file's header and these, reading no tensor.
     finite: bool | None = None
     fresh: bool = False
+    stored_positions: int | None = None  # the open positions its file holds, as its header said
 
 
 def chroma_attention_mask(tokenizer_mask: torch.Tensor) -> torch.Tensor:
@@ -160,8 +161,8 @@ def encode_texts(
     distinct = {e.cache_key: e.text for e in entries.values()}
     finite = {key: flag for key, flag in (known_finite or {}).items() if key in distinct}
     # An entry that was NaN when encoded is encoded again (an fp16 overflow may not recur).
-    missing = [(key, text) for key, text in distinct.items()
-               if finite.get(key) is False or embedding_open_positions(cache_dir, key, max_length, width) is None]
+    stored = {key: embedding_open_positions(cache_dir, key, max_length, width) for key in distinct}
+    missing = [(key, text) for key, text in distinct.items() if finite.get(key) is False or stored[key] is None]
     missing_keys = {key for key, _ in missing}
     for key in distinct.keys() - missing_keys - finite.keys():  # cached before the flag was kept: read once
         finite[key] = load_embedding(cache_dir, key, max_length, width) is not None
@@ -178,7 +179,8 @@ def encode_texts(
         tokens.update(zip([key for key, _ in batch], count_tokens(tokenizer, [text for _, text in batch]), strict=True))
         for i, (key, _text) in enumerate(batch):
             save_embedding(cache_dir, key, prompt_embeds[i], attention_mask[i])
-            finite[key] = bool(torch.isfinite(prompt_embeds[i][: int(attention_mask[i].sum())]).all())
+            stored[key] = int(attention_mask[i].sum())
+            finite[key] = bool(torch.isfinite(prompt_embeds[i][: stored[key]]).all())
         done = min(start + batch_size, len(missing))
         if done == len(missing) or (start // batch_size) % 25 == 0:
             rate = done / max(time.perf_counter() - started, 1e-9)
@@ -190,6 +192,7 @@ def encode_texts(
         tokens.update(zip(uncounted, count_tokens(counter, [distinct[key] for key in uncounted]), strict=True))
     for entry in entries.values():
         entry.tokens, entry.finite = tokens[entry.cache_key], finite[entry.cache_key]
+        entry.stored_positions = stored[entry.cache_key]
         entry.fresh = entry.cache_key in missing_keys
 
     bytes_on_disk = sum(entry_file(cache_dir, key).stat().st_size for key in distinct)
@@ -214,5 +217,6 @@ _INDEX_SCHEMA = pa.schema(
     [
         ("text_sha256", pa.string()), ("role", pa.string()), ("cache_key", pa.string()), ("text", pa.string()),
         ("path", pa.string()), ("tokens", pa.int32()), ("finite", pa.bool_()), ("fresh", pa.bool_()),
+        ("stored_positions", pa.int32()),
     ]
 )
