@@ -6,10 +6,12 @@ import functools
 import json
 import threading
 from dataclasses import dataclass
+from importlib.metadata import version
 
 import psutil
 
 from .errors import DoesNotFit
+from .storage import combine_hashes, user_cache_file, write_json_atomic
 
 
 class PeakRSS:
@@ -142,10 +144,6 @@ def module_shapes(transformer_config: str) -> dict:
     (name, in and out features, bias size), the other parameters, the largest block, the width and
     the block counts. Remembered on disk per config and diffusers version: building the skeleton
     means importing diffusers, seconds that a re-run with every cache valid would spend on nothing."""
-    from importlib.metadata import version
-
-    from .storage import combine_hashes, user_cache_file, write_json_atomic
-
     memo_file = user_cache_file("transformer-shapes.json")
     memo_key = combine_hashes(transformer_config, version("diffusers"), str(SHAPES_VERSION))
     try:
@@ -154,7 +152,10 @@ def module_shapes(transformer_config: str) -> dict:
         memo = {}
     if memo_key not in memo:
         memo[memo_key] = _measure_shapes(json.loads(transformer_config))
-        write_json_atomic(memo_file, memo)
+        try:
+            write_json_atomic(memo_file, memo)
+        except OSError:  # a read-only home: estimate every time
+            pass
     return memo[memo_key]
 
 

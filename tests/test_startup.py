@@ -10,7 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from chroma_pipeline import train
+from chroma_pipeline import memory, train
+from chroma_pipeline.lora import target_modules
+from chroma_pipeline.tiny import TRANSFORMER_CONFIG
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_LIBRARIES = ("diffusers", "transformers", "peft", "optimum")
@@ -43,3 +45,22 @@ def test_loading_the_code_location_imports_neither_model_libraries_nor_accelerat
     _output, modules = run_and_list_imports(
         f"from assets.definitions import build_definitions; build_definitions({str(small_project)!r}, 'cpu')", tmp_path)
     assert sorted(modules.intersection({*MODEL_LIBRARIES, "accelerate"})) == []
+
+
+def test_the_memory_estimate_from_remembered_shapes_is_the_one_from_the_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
+
+    def estimate():
+        memory._estimate.cache_clear()
+        memory.module_shapes.cache_clear()
+        return memory.estimate(TRANSFORMER_CONFIG, "int4-quanto", keep=("proj_out",), rank=4,
+                               lora_pattern=target_modules("all", TRANSFORMER_CONFIG["num_single_layers"]))
+
+    built = estimate()  # builds the skeleton with diffusers, and remembers its shapes
+    assert (tmp_path / "user-cache" / "chroma-pipeline" / "transformer-shapes.json").is_file()
+
+    def no_model(_config):
+        raise AssertionError("the shapes were remembered: no model needed")
+
+    monkeypatch.setattr(memory, "_measure_shapes", no_model)
+    assert estimate() == built
