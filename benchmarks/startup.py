@@ -72,17 +72,19 @@ def package_times(rows) -> tuple[dict[str, int], int, int]:
     return per_package, together, sum(row[1] for row in rows)
 
 
-def run(command: list[str], env: dict, check_output: str | None = None) -> tuple[float, subprocess.CompletedProcess]:
+def run(command: list[str], env: dict, cwd: Path, check_output: str | None = None) -> tuple[float, subprocess.CompletedProcess]:
+    """`cwd`: the project's folder, not a checkout: `python -m` and `-c` put the working folder first on
+    sys.path, and the code must be PYTHONPATH's (the checkout measured)."""
     started = time.perf_counter()
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - started
     if done.returncode != 0 or (check_output and check_output not in done.stdout):
         sys.exit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
     return seconds, done
 
 
-def timed_runs(command: list[str], env: dict, runs: int, check_output: str | None = None) -> list[float]:
-    return [run(command, env, check_output)[0] for _ in range(runs)]
+def timed_runs(command: list[str], env: dict, cwd: Path, runs: int, check_output: str | None = None) -> list[float]:
+    return [run(command, env, cwd, check_output)[0] for _ in range(runs)]
 
 
 def summary(seconds: list[float]) -> str:
@@ -122,19 +124,19 @@ def main() -> None:
         location = [sys.executable, "-c", CODE_LOCATION.format(config=str(config))]
 
         print(f"code: {args.checkout.resolve()}; {os.cpu_count()} CPUs; {load()}")
-        seconds, _ = run(cli, env)
+        seconds, _ = run(cli, env, root)
         print(f"first run (tiny model, caches, 12 training steps): {seconds:.1f} s")
 
-        _, traced = run([sys.executable, "-X", "importtime", *cli[1:]], env, "reusing trained adapter")
+        _, traced = run([sys.executable, "-X", "importtime", *cli[1:]], env, root, "reusing trained adapter")
         print("warm no-op CLI run, import time per package (-X importtime, cumulative):")
         import_table(traced.stderr)
-        _, traced = run([sys.executable, "-X", "importtime", *location[1:]], env)
+        _, traced = run([sys.executable, "-X", "importtime", *location[1:]], env, root)
         print("code location load, import time per package:")
         import_table(traced.stderr)
 
         print(f"{load()} before the timed runs")
-        location_seconds = timed_runs(location, env, args.runs)
-        cli_seconds = timed_runs(cli, env, args.runs, "reusing trained adapter")
+        location_seconds = timed_runs(location, env, root, args.runs)
+        cli_seconds = timed_runs(cli, env, root, args.runs, "reusing trained adapter")
         print(f"{load()} after them")
         print(f"code location load (build_definitions, fresh process): {summary(location_seconds)}, "
               f"runs {', '.join(f'{s:.2f}' for s in location_seconds)}")
