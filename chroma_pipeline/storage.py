@@ -143,6 +143,11 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def user_cache_file(name: str) -> Path:
+    """A file of this user's chroma-pipeline cache (XDG_CACHE_HOME, else ~/.cache), shared by every project."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "chroma-pipeline" / name
+
+
 def combine_hashes(*parts: str) -> str:
     """One short hash naming a set of inputs; order matters, so callers pass sorted lists."""
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import gather_object
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -113,6 +112,7 @@ def train_lora(
     evaluates, renders, checkpoints and writes the adapter. SIGTERM finishes the step,
     writes a checkpoint and raises `TrainingStopped`.
     """
+    from accelerate.utils import gather_object
     from diffusers.optimization import get_scheduler
 
     if not samples:
