@@ -71,8 +71,7 @@ def bare_loop(config, transformer, samples, empty_key, layout, vae, width, steps
     from diffusers.optimization import get_scheduler
 
     from chroma_pipeline.batches import batch_generator, bucket_batches, load_batch
-    from chroma_pipeline.flow import add_noise, flow_target, image_position_ids, pack_latents, predict_velocity
-    from chroma_pipeline.flow import sample_sigmas
+    from chroma_pipeline.flow import add_noise, flow_target, image_position_ids, pack_latents, predict_velocity, sample_sigmas
     from chroma_pipeline.lora import lora_config
     from chroma_pipeline.shards import ShardStore
     from chroma_pipeline.text import load_embedding
