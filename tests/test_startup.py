@@ -31,6 +31,8 @@ def run_and_list_imports(code: str, cwd: Path) -> tuple[str, set[str]]:
 def test_a_re_run_with_every_cache_valid_imports_no_model_library(small_project, tmp_path, monkeypatch):
     # The user cache (weight digests, the transformer shapes the memory estimate remembers) is this test's own.
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
+    memory.module_shapes.cache_clear()  # an earlier test's shapes, remembered in this process, would not reach the file
+    memory._estimate.cache_clear()
     values = json.loads(small_project.read_text())
     small_project.write_text(json.dumps({**values, "max_train_steps": 2}))
     arguments = ["--config", str(small_project), "--device", "cpu"]
