@@ -10,11 +10,11 @@ rank-16 LoRA on "all" targets, batch 2, fp32, 24 generated images at 256 px.
 
 Two model sizes: the `tiny` flavour, and a mid-size random Chroma (Chroma1's block
 structure at hidden 512: 2 double + 4 single blocks). Each run is a fresh process; runs
-alternate bare, ours, bare, ours, ... The figure is seconds per step over steps 11-40 (the
-first 10 warm up); reported as the median of the runs with their range, and the ratio
+alternate bare, ours, bare, ours, ... The figure is seconds per step after the first 10 steps (they
+warm up), over 300 steps on tiny and 60 on mid; reported as the median of the runs with their range, and the ratio
 ours / bare per pair of neighbouring runs, median and range.
 
-    python benchmarks/training.py [--steps 40] [--runs 3] [--sizes tiny,mid]
+    python benchmarks/training.py [--steps N] [--runs 5] [--sizes tiny,mid]
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ import torch
 
 MID = dict(num_layers=2, num_single_layers=4, attention_head_dim=128, num_attention_heads=4, axes_dims_rope=[16, 56, 56])
 WARMUP, LOG_EVERY = 10, 10
+# A tiny step takes ~13 ms, so 30 steps measured ±15% of noise between identical runs; 300 bring it to a few %.
+STEPS = {"tiny": 300, "mid": 60}
 CACHE_STEPS = ["raw_dataset/images", "raw_dataset/captions", "image_latents", "text_embeddings", "quantized_base_model"]
 
 
@@ -144,8 +146,8 @@ def run(mode: str, config_path: Path, steps: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--steps", type=int, help=f"steps per run (default: {STEPS})")
+    parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--sizes", default="tiny,mid")
     parser.add_argument("--mode", choices=["ours", "bare"], help=argparse.SUPPRESS)
     parser.add_argument("--config", type=Path, help=argparse.SUPPRESS)
@@ -166,7 +168,7 @@ def main() -> None:
             for size in sizes:
                 for mode in ("bare", "ours"):
                     child = subprocess.run([sys.executable, __file__, "--mode", mode, "--config", str(configs[size]),
-                                            "--steps", str(args.steps)], capture_output=True, text=True, env=env)
+                                            "--steps", str(args.steps or STEPS[size])], capture_output=True, text=True, env=env)
                     if child.returncode:
                         raise SystemExit(f"{mode} failed:\n{child.stderr[-3000:]}")
                     results[size][mode].append(json.loads(child.stdout.strip().splitlines()[-1])["per_step"])
@@ -175,7 +177,7 @@ def main() -> None:
         return f"{statistics.median(values):.3f}{unit} ({min(values):.3f}–{max(values):.3f})"
 
     print(f"rank-16 LoRA on all, batch 2, fp32, 256 px, CPU ({os.cpu_count()} cores), {args.runs} runs each, fresh "
-          f"process each, alternating; s/step over steps {WARMUP + 1}-{args.steps}; load average before "
+          f"process each, alternating; s/step over steps {WARMUP + 1}-{args.steps or STEPS}; load average before "
           f"{load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}")
     print(f"{'model':<8}{'bare s/step':>26}{'ours s/step':>26}{'ours / bare':>26}")
     ratios = {}

@@ -56,6 +56,9 @@ class Layout:
     def quantized_dir(self, key: str) -> Path:
         return self.root / "models" / "quantized" / key
 
+    def quantized_text_encoder_dir(self, key: str) -> Path:
+        return self.root / "models" / "quantized_text_encoder" / key
+
     def adapter_dir(self, key: str) -> Path:
         return self.root / "lora" / key
 

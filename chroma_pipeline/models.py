@@ -169,6 +169,15 @@ def load_text_encoder(model_dir: Path, dtype: torch.dtype):
     return T5EncoderModel.from_pretrained(model_dir, subfolder="text_encoder", dtype=dtype, use_safetensors=True)
 
 
+def text_encoder_skeleton(config_dir: Path):
+    """T5 built from `config_dir`'s config.json with no memory for its weights (on the meta device)."""
+    from accelerate import init_empty_weights
+    from transformers import T5Config, T5EncoderModel
+
+    with init_empty_weights():
+        return T5EncoderModel(T5Config.from_pretrained(config_dir))
+
+
 def load_tokenizer(model_dir: Path):
     from transformers import T5TokenizerFast
 

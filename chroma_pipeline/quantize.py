@@ -411,3 +411,44 @@ def load_quantized(folder: Path, device: str):
     requantize(transformer, state, qmap, device=torch.device(device))
     transformer.eval()
     return transformer
+
+
+def save_quantized_module(model, target: Path, manifest: dict) -> None:
+    """Write a module quantized by `quantize_model` to the folder `target`: its state dict (a tensor tied
+    to another, like T5's input embedding, once), quanto's map, its config and `manifest` last."""
+    from optimum.quanto import quantization_map
+    from safetensors.torch import save_file
+
+    state, aliases, first_name_of = {}, {}, {}
+    for name, tensor in model.state_dict().items():
+        where = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
+        if where in first_name_of:
+            aliases[name] = first_name_of[where]
+        else:
+            first_name_of[where] = name
+            state[name] = tensor.contiguous()
+    with atomic_dir(target) as staging:
+        save_file(state, str(staging / "model.safetensors"))
+        (staging / "quantization_map.json").write_text(json.dumps(quantization_map(model), indent=1, sort_keys=True))
+        model.config.save_pretrained(staging)
+        write_json_atomic(staging / "manifest.json", {**manifest, "tied": aliases,
+                                                      "bytes": (staging / "model.safetensors").stat().st_size})
+
+
+def load_quantized_module(skeleton, folder: Path, dtype: torch.dtype, device: str):
+    """Fill `skeleton` (built on the meta device from the saved config) from `save_quantized_module`'s folder."""
+    from optimum.quanto import requantize
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    state = load_file(str(folder / "model.safetensors"))
+    skeleton.to(dtype)  # the layers quanto leaves alone (norms, embeddings) keep the dtype they were saved in
+    requantize(skeleton, state, json.loads((folder / "quantization_map.json").read_text()), device=torch.device(device))
+    for alias, name in manifest["tied"].items():  # requantize loads non-strictly: tie what was saved once
+        owner, _, attribute = alias.rpartition(".")
+        setattr(skeleton.get_submodule(owner), attribute, skeleton.get_parameter(name))
+    missing = set(skeleton.state_dict()) - set(state) - set(manifest["tied"])
+    if missing:
+        raise ValueError(f"{folder} lacks {sorted(missing)[:3]}: delete the folder and it is quantized again")
+    return skeleton.eval()

@@ -211,7 +211,9 @@ def train_lora(
         unread_losses.clear()
 
     bar = tqdm(total=steps, initial=first_step - 1, unit="step", disable=not (progress_bar and accelerator.is_main_process))
-    loader = Prefetched(batches_of_this_rank(drawn))
+    loader = batches_of_this_rank(drawn)
+    if on_device.type != "cpu":  # on a CPU the step already uses every core: a loading thread only contends for them
+        loader = Prefetched(loader)
     with StopRequest() as stop, contextlib.closing(loader):
         for step in range(first_step, steps + 1):
             step_loss = torch.zeros((), device=on_device)

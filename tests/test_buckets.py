@@ -73,3 +73,17 @@ def test_square_crop_aspect_puts_everything_in_the_square_bucket():
 def test_a_portrait_gets_its_landscape_twins_bucket_turned(resolution_type, resolution, size):
     landscape = bucket_for(*size, resolution, resolution_type)
     assert bucket_for(size[1], size[0], resolution, resolution_type) == (landscape[1], landscape[0])
+
+
+def test_prefetched_batches_arrive_in_the_order_drawn_and_a_loading_error_reaches_the_loop():
+    from chroma_pipeline.batches import Prefetched
+
+    def draws():
+        yield from range(5)
+        raise OSError("latent shard unreadable")
+
+    loader = Prefetched(draws())
+    assert [next(loader) for _ in range(5)] == [0, 1, 2, 3, 4]
+    with pytest.raises(OSError, match="unreadable"):
+        next(loader)
+    loader.close()

@@ -205,6 +205,40 @@ def test_an_8bit_text_encoder_is_its_own_cache_and_stays_close(small_project, co
     assert torch.isfinite(eight_bit).all()
 
 
+def test_an_8bit_text_encoder_is_quantized_once_and_a_caption_edit_reads_it_back(small_project, monkeypatch):
+    import chroma_pipeline.text_embeddings as step
+
+    values = __import__("json").loads(small_project.read_text())
+    write_config(small_project, {**values, "text_encoder_precision": "int8-quanto"})
+    _run(small_project)
+    saved = list((small_project.parent / "output" / "models" / "quantized_text_encoder").iterdir())
+    assert len(saved) == 1 and (saved[0] / "manifest.json").is_file()
+
+    monkeypatch.setattr(step, "quantize_model", lambda *args, **kwargs: pytest.fail("T5 was quantized again"))
+    monkeypatch.setattr(models, "load_text_encoder", lambda *args: pytest.fail("the full-precision T5 was read"))
+    caption = sorted((small_project.parent / "dataset").glob("*.txt"))[0]
+    caption.write_text("one caption rewritten")
+    _, texts = _run(small_project)
+    assert texts.stats["encoded"] == 1
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_reloaded_8bit_text_encoder_computes_exactly_what_the_freshly_quantized_one_did(tmp_path, tiny_model_dir,
+                                                                                           dtype):
+    import torch
+
+    from chroma_pipeline.text_embeddings import quantized_text_encoder
+
+    dtype, layout, tokens = getattr(torch, dtype), Layout(tmp_path), torch.tensor([[5, 9, 17, 1, 0, 0]])
+    fresh = quantized_text_encoder(tiny_model_dir, layout, dtype, "cpu", log=lambda _: None)
+    reloaded = quantized_text_encoder(tiny_model_dir, layout, dtype, "cpu", log=lambda _: None)
+    assert type(reloaded.encoder.block[0].layer[0].SelfAttention.q).__name__ == "QLinear"
+    assert reloaded.shared.weight.dtype == dtype
+    assert reloaded.encoder.embed_tokens.weight is reloaded.shared.weight  # tied as T5 ties them, saved once
+    with torch.no_grad():
+        assert torch.equal(reloaded(tokens).last_hidden_state, fresh(tokens).last_hidden_state)
+
+
 def test_cleanup_reclaims_only_what_no_index_uses(small_project):
     from chroma_pipeline.cleanup import main, reclaim, unreferenced_files
 
