@@ -239,6 +239,27 @@ def test_the_reloaded_8bit_text_encoder_computes_exactly_what_the_freshly_quanti
         assert torch.equal(reloaded(tokens).last_hidden_state, fresh(tokens).last_hidden_state)
 
 
+def test_the_text_encoder_is_freed_when_the_step_returns_without_a_garbage_collection(small_project, monkeypatch):
+    # Training may run next in the same process: T5-XXL's 9.5 GB must not wait for the garbage collector.
+    import gc
+    import weakref
+
+    load, loaded = models.load_text_encoder, []
+
+    def watched_load(*args):
+        encoder = load(*args)
+        loaded.append(weakref.ref(encoder))
+        return encoder
+
+    monkeypatch.setattr(models, "load_text_encoder", watched_load)
+    gc.disable()
+    try:
+        _run(small_project)
+        assert len(loaded) == 1 and loaded[0]() is None
+    finally:
+        gc.enable()
+
+
 def test_cleanup_reclaims_only_what_no_index_uses(small_project):
     from chroma_pipeline.cleanup import main, reclaim, unreferenced_files
 
