@@ -33,7 +33,7 @@ of its own; its peak is shown apart. The goal: time linear in N, peak RSS flat (
 1k to 100k) except for what is the index itself.
 
     python benchmarks/scale.py [--sizes 1000,10000,100000] [--runs 3] [--work DIR]
-    python benchmarks/scale.py --sizes 300,3000 --runs 1      # a quick check, about a minute
+    python benchmarks/scale.py --sizes 300,3000 --runs 1      # a quick check, a few minutes
 """
 
 from __future__ import annotations
@@ -168,6 +168,26 @@ def _measured(call):
     return value, {"seconds": time.perf_counter() - started, "start_rss": start, "peak_rss": _peak()}
 
 
+def _in_memory(value) -> int:
+    """Bytes of Python objects `value` holds (rows, lists of rows, dataclasses of str/int), each object once."""
+    seen: set[int] = set()
+    total, todo = 0, [value]
+    while todo:
+        item = todo.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        total += sys.getsizeof(item)
+        if isinstance(item, (list, tuple)):
+            todo.extend(item)
+        elif isinstance(item, dict):
+            todo.extend(item.values())
+        elif hasattr(item, "__dict__"):
+            todo.extend(vars(item).values())
+            total += sys.getsizeof(vars(item))
+    return total
+
+
 def _size(path: Path) -> int:
     return path.stat().st_size if path.is_file() else 0
 
@@ -239,13 +259,14 @@ def child(measure: str, config_path: Path) -> dict:
         from chroma_pipeline.raw_dataset import build_manifest
 
         (result, rows), stats = _measured(lambda: build_manifest(config, layout))
-        return {**stats, "rows": len(rows), "samples": result.stats["samples"], "manifest_bytes": _size(layout.manifest)}
+        return {**stats, "rows": len(rows), "samples": result.stats["samples"], "manifest_bytes": _size(layout.manifest),
+                "index_in_memory": _in_memory(rows)}
 
     if measure == "manifest_read":
         from chroma_pipeline.dataset import read_manifest, usable
 
         rows, stats = _measured(lambda: usable(read_manifest(layout.manifest)))
-        return {**stats, "samples": len(rows), "manifest_bytes": _size(layout.manifest)}
+        return {**stats, "samples": len(rows), "manifest_bytes": _size(layout.manifest), "index_in_memory": _in_memory(rows)}
 
     if measure == "sampler":
         from chroma_pipeline.batches import bucket_batches, dataset_probability, dataset_repeats
@@ -271,7 +292,15 @@ def child(measure: str, config_path: Path) -> dict:
 
         drawn, stats = _measured(one_epoch)
         assert drawn == len(samples)
-        return {**stats, "samples": len(samples), "batches": epoch, "checked_against_indexes": checked}
+        # RSS hardly sees the sampler (it reuses memory the manifest read freed): count its Python objects.
+        import tracemalloc
+
+        tracemalloc.start()
+        one_epoch()
+        heap_peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return {**stats, "samples": len(samples), "batches": epoch, "checked_against_indexes": checked,
+                "heap_peak": heap_peak, "samples_in_memory": _in_memory(samples)}
 
     if measure == "dagster_scan":
         return _dagster_run(config_path, ["dataset_folder", "raw_dataset/images", "raw_dataset/captions"])
@@ -298,11 +327,12 @@ def child(measure: str, config_path: Path) -> dict:
         from chroma_pipeline.text import read_embedding_index
 
         def read_all():
-            return len(read_latent_index(layout.latent_index)), len(read_embedding_index(layout.embedding_index)), \
-                len(training_samples(layout)[0])
+            return read_latent_index(layout.latent_index), read_embedding_index(layout.embedding_index), \
+                training_samples(layout)[0]
 
-        counts, stats = _measured(read_all)
-        return {**stats, "latent_entries": counts[0], "embedding_entries": counts[1], "samples": counts[2]}
+        (latents, texts, samples), stats = _measured(read_all)
+        return {**stats, "latent_entries": len(latents), "embedding_entries": len(texts), "samples": len(samples),
+                "index_in_memory": _in_memory((latents, texts, samples))}
 
     if measure == "training":
         from chroma_pipeline.lora_adapter import adapter_report, build_adapter
@@ -386,28 +416,42 @@ def report(results: dict, sizes: list[int]) -> str:
     header = "| measurement | " + " | ".join(f"{s:,}" for s in sizes) + " |"
     rule = "|---|" + "---|" * len(sizes)
 
-    def table(title, cell, measures=measures):
+    def runs_of(size, measure):
+        return results[size].get(measure, [])
+
+    def row(label, cells):
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    def table(title, cell, which=measures, missing="not run"):
         lines.extend(["", title, "", header, rule])
-        for m in measures:
-            cells = [cell(results[s].get(m, []), s, m) for s in sizes]
-            lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
+        for m in which:
+            row(LABELS[m], [cell(runs_of(s, m)) if runs_of(s, m) else missing(s, m) if callable(missing) else missing
+                            for s in sizes])
 
-    def runs_note(runs):
-        return f" [{len(runs)}]" if runs else ""
+    def mib(key, fmt="{:.0f}"):
+        return lambda runs: _spread([key(r) / MIB for r in runs], fmt)
 
-    table("Seconds: median (min-max) [runs]",
-          lambda runs, s, m: (_spread([r["seconds"] for r in runs]) + runs_note(runs)) if runs else _extrapolated(results, sizes, s, m, "seconds"))
-    table("Peak RSS MiB: median (min-max)",
-          lambda runs, s, m: _spread([r["peak_rss"] / MIB for r in runs], "{:.0f}") if runs else "not run")
-    table("Peak RSS above the RSS at start of the step, MiB (what the step itself holds)",
-          lambda runs, s, m: _spread([(r["peak_rss"] - r["start_rss"]) / MIB for r in runs], "{:.1f}") if runs else "not run")
-    table("Load average (1 min) before the runs: min-max",
-          lambda runs, s, m: (f"{min(r['load_before'] for r in runs):.1f}-{max(r['load_before'] for r in runs):.1f}"
-                              if runs else "-"))
-
-    worker = [_spread([r["children_peak_rss"] / MIB for r in results[s].get("latents", [])], "{:.0f}")
-              if results[s].get("latents") else "not run" for s in sizes]
-    lines.append("| latents, first run: the VAE's decode worker (a process of its own) | " + " | ".join(worker) + " |")
+    table("Seconds: median (min-max) [runs]", lambda runs: f"{_spread([r['seconds'] for r in runs])} [{len(runs)}]",
+          missing=lambda s, m: _extrapolated(results, sizes, s, m, "seconds"))
+    table("Peak RSS MiB during the step: median (min-max)", mib(lambda r: r["peak_rss"]))
+    row("latents, first run: the VAE's decode worker (a process of its own)",
+        [mib(lambda r: r["children_peak_rss"])(runs_of(s, "latents")) if runs_of(s, "latents") else "not run"
+         for s in sizes])
+    table("Peak RSS above the RSS at the start of the step, MiB (what the step itself holds)",
+          mib(lambda r: r["peak_rss"] - r["start_rss"], "{:.1f}"))
+    holding = [m for m in measures if any("index_in_memory" in r for s in sizes for r in runs_of(s, m))]
+    table("... of which the index the step returns, in memory (Python objects), MiB",
+          mib(lambda r: r["index_in_memory"], "{:.1f}"), holding)
+    table("... and the rest (above start, less the index), MiB",
+          mib(lambda r: r["peak_rss"] - r["start_rss"] - r["index_in_memory"], "{:.1f}"), holding)
+    if any(runs_of(s, "sampler") for s in sizes):
+        lines.extend(["", "Sampler: Python objects (tracemalloc), MiB", "", header, rule])
+        row("its input, one sample per image", [mib(lambda r: r["samples_in_memory"], "{:.2f}")(runs_of(s, "sampler"))
+                                                if runs_of(s, "sampler") else "not run" for s in sizes])
+        row("its peak while drawing one epoch", [mib(lambda r: r["heap_peak"], "{:.2f}")(runs_of(s, "sampler"))
+                                                 if runs_of(s, "sampler") else "not run" for s in sizes])
+    table("Load average (1 min) before each run: min-max",
+          lambda runs: f"{min(r['load_before'] for r in runs):.1f}-{max(r['load_before'] for r in runs):.1f}", missing="-")
 
     lines.extend(["", "Indexes on disk, KiB", "", header, rule])
     for label, measure, key in (("manifest.parquet", "scan", "manifest_bytes"),
@@ -416,55 +460,52 @@ def report(results: dict, sizes: list[int]) -> str:
                                 ("latent shards (safetensors)", "latents", "shard_bytes"),
                                 ("text_embeddings_index.parquet", "embeddings", "embedding_index_bytes"),
                                 ("embedding files", "embeddings", "embedding_bytes")):
-        cells = []
-        for s in sizes:
-            runs = results[s].get(measure, [])
-            cells.append(f"{_median(runs, lambda r, key=key: r[key]) / 1024:,.0f}" if runs else "not run")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        row(label, [f"{_median(runs_of(s, measure), lambda r, key=key: r[key]) / 1024:,.0f}" if runs_of(s, measure)
+                    else "not run" for s in sizes])
 
+    dagster = ("dagster_scan", "dagster_caches", "training")
     lines.extend(["", "Dagster: serialized metadata bytes per asset / check, and the run's event log", "", header, rule])
     names = []
     for s in sizes:
-        for measure in ("dagster_scan", "dagster_caches", "training"):
-            for run in results[s].get(measure, []):
-                names += [n for n in run["metadata_bytes"] if n not in names]
+        for run in (run for m in dagster for run in runs_of(s, m)):
+            names += [n for n in run["metadata_bytes"] if n not in names]
     for name in names:
-        cells = []
-        for s in sizes:
-            values = [run["metadata_bytes"][name] for m in ("dagster_scan", "dagster_caches", "training")
-                      for run in results[s].get(m, []) if name in run["metadata_bytes"]]
-            cells.append(f"{statistics.median(values):,.0f}" if values else "not run")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    for measure in ("dagster_scan", "dagster_caches"):
+        values = {s: [run["metadata_bytes"][name] for m in dagster for run in runs_of(s, m) if name in run["metadata_bytes"]]
+                  for s in sizes}
+        row(name, [f"{statistics.median(values[s]):,.0f}" if values[s] else "not run" for s in sizes])
+    for measure in dagster[:2]:
         for label, key in (("events", "events"), ("log messages", "log_messages"), ("event log KiB", "event_log_bytes")):
             cells = []
             for s in sizes:
-                runs = results[s].get(measure, [])
-                value = _median(runs, lambda r, key=key: r[key])
+                value = _median(runs_of(s, measure), lambda r, key=key: r[key])
                 cells.append("not run" if value is None else f"{value / 1024:,.0f}" if key.endswith("bytes") else f"{value:,.0f}")
-            lines.append(f"| {LABELS[measure]}: {label} | " + " | ".join(cells) + " |")
+            row(f"{LABELS[measure]}: {label}", cells)
 
-    lines.extend(["", "Growth per 10x (median over median): time ratio (linear = 10), peak RSS ratio, "
-                  f"and peak RSS {sizes[0]:,} -> {sizes[-1]:,} (goal <= 1.2x)", ""])
     steps = list(zip(sizes, sizes[1:], strict=False))
-    lines.append("| measurement | " + " | ".join(f"{a:,}->{b:,} time / RSS" for a, b in steps)
-                 + f" | RSS {sizes[0]:,}->{sizes[-1]:,} |")
-    lines.append("|---|" + "---|" * (len(steps) + 1))
+    lines.extend(["", "Growth per 10x, median over median: time ratio (linear = 10) / peak RSS ratio; and peak RSS "
+                  f"{sizes[0]:,} -> {sizes[-1]:,}, whole and less the index (goal <= 1.2x)", ""])
+    lines.append("| measurement | " + " | ".join(f"{a:,} -> {b:,}" for a, b in steps)
+                 + f" | peak RSS {sizes[0]:,} -> {sizes[-1]:,} | less the index |")
+    lines.append("|---|" + "---|" * (len(steps) + 2))
     for m in measures:
         cells = []
         for a, b in steps:
-            ra, rb = results[a].get(m, []), results[b].get(m, [])
+            ra, rb = runs_of(a, m), runs_of(b, m)
             if ra and rb:
-                scale = b / a / 10  # ratios are per 10x even between sizes 10x apart or not
-                t = _median(rb, lambda r: r["seconds"]) / _median(ra, lambda r: r["seconds"]) / scale
-                p = _median(rb, lambda r: r["peak_rss"]) / _median(ra, lambda r: r["peak_rss"])
-                cells.append(f"{t:.1f} / {p:.2f}")
+                t = _median(rb, lambda r: r["seconds"]) / _median(ra, lambda r: r["seconds"]) * 10 * a / b  # per 10x
+                cells.append(f"{t:.1f} / {_median(rb, lambda r: r['peak_rss']) / _median(ra, lambda r: r['peak_rss']):.2f}")
             else:
                 cells.append("not run")
-        first, last = results[sizes[0]].get(m, []), results[sizes[-1]].get(m, [])
-        overall = (f"{_median(last, lambda r: r['peak_rss']) / _median(first, lambda r: r['peak_rss']):.2f}"
-                   if first and last else "not run")
-        lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + f" | {overall} |")
+        first, last = runs_of(sizes[0], m), runs_of(sizes[-1], m)
+        whole = less = "not run"
+        if first and last:
+            whole = f"{_median(last, lambda r: r['peak_rss']) / _median(first, lambda r: r['peak_rss']):.2f}"
+            less = "-"
+            if m in holding:
+                def rest(r):
+                    return r["peak_rss"] - r["index_in_memory"]
+                less = f"{_median(last, rest) / _median(first, rest):.2f}"
+        row(LABELS[m], [*cells, whole, less])
     return "\n".join(lines)
 
 
