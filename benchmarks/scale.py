@@ -19,8 +19,9 @@ Every measurement runs the pipeline's own code in a fresh process:
   dagster caches  image_latents and text_embeddings (cached) with their checks through Dagster
 
 The model steps (latents, embeddings, indexes read, training, dagster caches) run at sizes up to
---model-steps-up-to (default 10000): on 2 CPU cores the tiny VAE encodes about 60 images/s, so
-100k would take half an hour. Their 100k column is extrapolated from the 1k -> 10k growth, and
+--model-steps-up-to (default 10000): on the shared 2-core machine the tiny VAE's first run over
+10k images took 1-4 minutes (the DataLoader decode worker, the shard commits and other tenants
+share the cores), so 100k would take 15-40 minutes. Their 100k column is extrapolated from the 1k -> 10k growth, and
 says so. The sampler's input is built from the manifest with the pipeline's bucket function
 (a model step is not needed for it); at sizes with real indexes it is checked equal to what
 training pairs from them.
@@ -272,10 +273,10 @@ def _dagster_run(config_path: Path, selection) -> dict:
     return stats
 
 
-def child(measure: str, config_path: Path) -> dict:
+def child(measure: str, config_path: Path, threads: int) -> dict:
     import torch
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(threads)
     from chroma_pipeline.config import load_config
     from chroma_pipeline.device import detect_device
     from chroma_pipeline.layout import Layout
@@ -404,12 +405,13 @@ def _reset(measure: str, output: Path) -> None:
         shutil.rmtree(output / "checkpoints", ignore_errors=True)
 
 
-def run_child(measure: str, config_path: Path, output: Path, log: Path) -> dict:
+def run_child(measure: str, config_path: Path, output: Path, log: Path, threads: int = 1) -> dict:
     _reset(measure, output)
     load_before = os.getloadavg()[0]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     with open(log, "a") as stderr:
-        child_process = subprocess.run([sys.executable, __file__, "--child", measure, "--config", str(config_path)],
+        child_process = subprocess.run([sys.executable, __file__, "--child", measure, "--config", str(config_path),
+                                        "--threads", str(threads)],
                                        stdout=subprocess.PIPE, stderr=stderr, text=True, env=env, cwd=ROOT)
     if child_process.returncode:
         raise SystemExit(f"{measure} at {config_path.name} failed; its stderr is in {log}")
@@ -560,6 +562,9 @@ def main() -> None:
                         help="largest size at which the VAE / T5 / training steps run (100k: ~30 min of tiny VAE here)")
     parser.add_argument("--first-runs-up-to", type=int, default=1_000,
                         help="sizes above this encode (first run of latents and embeddings) once, not --runs times")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per process (default 1: on the shared 2-core machine 2 threads made the "
+                             "tiny VAE ~190x slower whenever another tenant held a core)")
     parser.add_argument("--work", type=Path, help="keep datasets and outputs here (reused by the next run)")
     parser.add_argument("--json", type=Path, help="also write every run's figures here")
     parser.add_argument("--from-json", type=Path, help="print the tables of an earlier run's figures, run nothing")
@@ -568,7 +573,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.child:
-        print(json.dumps(child(args.child, args.config)))
+        print(json.dumps(child(args.child, args.config, args.threads)))
         return
 
     if args.from_json:
@@ -580,8 +585,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     log = work / "children.log"
     started = time.perf_counter()
-    print(f"{os.cpu_count()} CPUs, load average at start {' '.join(f'{v:.2f}' for v in os.getloadavg())}; "
-          f"work folder {work}; child stderr in {log}", flush=True)
+    print(f"{os.cpu_count()} CPUs, {args.threads} torch thread(s) per process, load average at start "
+          f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}; work folder {work}; child stderr in {log}", flush=True)
     results: dict[int, dict[str, list[dict]]] = {}
     for size in sizes:
         results[size] = {}
@@ -595,12 +600,12 @@ def main() -> None:
         runs = args.runs if size <= args.repeat_up_to else 1
         plan = [m for _ in range(runs) for m in TIER_A]  # alternating, so a busy spell of the machine hits them all
         if size <= args.model_steps_up_to:
-            run_child("prepare_base", config_path, output, log)
+            run_child("prepare_base", config_path, output, log, args.threads)
             first_runs = runs if size <= args.first_runs_up_to else 1
             plan += [m for _ in range(first_runs) for m in ("latents", "embeddings")]
             plan += [m for _ in range(runs) for m in TIER_B[2:]]
         for measure in plan:
-            result = run_child(measure, config_path, output, log)
+            result = run_child(measure, config_path, output, log, args.threads)
             results[size].setdefault(measure, []).append(result)
             print(f"  {size:>7,} {measure:<17} {result['seconds']:7.2f}s  peak {result['peak_rss'] / MIB:6.0f} MiB  "
                   f"(+{(result['peak_rss'] - result['start_rss']) / MIB:5.1f})  load {result['load_before']:.1f}", flush=True)
