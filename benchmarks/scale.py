@@ -165,7 +165,9 @@ _SAMPLER = """
 import select, sys
 pid, peaks = sys.argv[1], {"RssAnon:": 0, "RssFile:": 0}
 print("ready", flush=True)
-while not select.select([sys.stdin], [], [], 0.05)[0]:
+stopped = False
+while not stopped:  # one sample at least, however short the call
+    stopped = bool(select.select([sys.stdin], [], [], 0.05)[0])
     try:
         with open(f"/proc/{pid}/status") as status:
             for line in status:
@@ -524,7 +526,7 @@ def report(results: dict, sizes: list[int]) -> str:
     lines.append("|---|" + "---|" * (len(steps) + 3))
 
     def ratio(later, earlier, key):
-        return _median(later, key) / _median(earlier, key)
+        return _median(later, key) / max(_median(earlier, key), 1e-9)
 
     for m in measures:
         cells = []
@@ -609,12 +611,12 @@ def main() -> None:
             results[size].setdefault(measure, []).append(result)
             print(f"  {size:>7,} {measure:<17} {result['seconds']:7.2f}s  peak {result['peak_rss'] / MIB:6.0f} MiB  "
                   f"(+{(result['peak_rss'] - result['start_rss']) / MIB:5.1f})  load {result['load_before']:.1f}", flush=True)
-    print(f"\ntotal {time.perf_counter() - started:.0f}s; load average at end "
-          f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    print(report(results, sizes))
     figures = json.dumps({str(s): r for s, r in results.items()}, indent=1)
     for target in filter(None, (args.json, args.work and work / "results.json")):
         target.write_text(figures)
+    print(f"\ntotal {time.perf_counter() - started:.0f}s; load average at end "
+          f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(report(results, sizes))
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
 
