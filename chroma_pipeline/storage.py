@@ -128,14 +128,24 @@ def write_rows_atomic(rows: list, schema: pa.Schema, path: Path) -> None:
             writer.write_table(pa.Table.from_pylist(batch, schema=schema))
 
 
-def read_rows(path: Path, row_type, made_by: str) -> list:
-    """Read a Parquet table written by `write_rows_atomic` back into `row_type` rows, a batch at a time."""
+def _must_exist(path: Path, made_by: str) -> None:
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path} does not exist yet: materialize {made_by} first")
+
+
+def read_rows(path: Path, row_type, made_by: str) -> list:
+    """Read a Parquet table written by `write_rows_atomic` back into `row_type` rows, a batch at a time."""
+    _must_exist(path, made_by)
     # One thread: Arrow's per-thread memory pools kept ~20 MiB more at 100k rows, and were no faster.
     with pq.ParquetFile(path) as table:
         return [row_type(**row) for batch in table.iter_batches(ROWS_PER_BATCH, use_threads=False)
                 for row in batch.to_pylist()]
+
+
+def read_columns(path: Path, columns: list[str], made_by: str) -> dict[str, list]:
+    """Some columns of a table written by `write_rows_atomic`, as lists: what a reader needs, not whole rows."""
+    _must_exist(path, made_by)
+    return pq.read_table(path, columns=columns, use_threads=False).to_pydict()
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
