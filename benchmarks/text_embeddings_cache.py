@@ -34,7 +34,7 @@ def make_dataset(folder: Path, count: int) -> None:
     colours = list(COLOURS)
     for i in range(count):
         # Distinct pixels per file, so no image is dropped as a duplicate.
-        Image.new("RGB", (64, 64), (i % 256, (i // 256) % 256, 7)).save(folder / f"{i:05d}.png")
+        Image.new("RGB", (128, 128), (i % 256, (i // 256) % 256, 7)).save(folder / f"{i:05d}.png")
         words = [rng.choice(colours), rng.choice(SHAPES), "on a", rng.choice(colours), "background"]
         (folder / f"{i:05d}.txt").write_text(f"{' '.join(words)}, sample {i}")
 

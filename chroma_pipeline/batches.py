@@ -135,3 +135,29 @@ def load_batch(batch, samples, latent_store, embedding_dir, vae_config, text_wid
     x0 = scale_latents(torch.stack(latents), vae_config["shift_factor"], vae_config["scaling_factor"])
     # Latents stay fp32: the regression target is computed before anything is rounded to bf16.
     return x0.to(device), torch.stack(embeds).to(device, dtype), torch.stack(masks).to(device)
+
+
+class Prefetched:
+    """Items of an iterator, each made in a background thread while the caller works on the previous one.
+
+    Reading a batch from the caches (and drawing its posterior sample) then overlaps the
+    training step instead of adding to it. One item is in flight at a time, so the iterator
+    advances in order, exactly as it would without the thread.
+    """
+
+    def __init__(self, items):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._items, self._pool = iter(items), ThreadPoolExecutor(1, thread_name_prefix="prefetch")
+        self._next = self._pool.submit(next, self._items)
+
+    def __next__(self):
+        item = self._next.result()
+        self._next = self._pool.submit(next, self._items)
+        return item
+
+    def __iter__(self):
+        return self
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -23,7 +23,7 @@ from .lora import apply_adapter
 from .quantized_base import decided_precision, load_base_transformer, quantized_key
 from .shards import ShardStore
 from .storage import write_json_atomic
-from .text import count_tokens, load_embedding, read_embedding_index
+from .text import count_tokens, embedding_open_positions, load_embedding, read_embedding_index
 from .text_embeddings import over_long_message, over_long_texts
 
 
@@ -54,54 +54,79 @@ def _outcome(problems: list[str], ok: str, bad: str, counts: dict) -> CheckOutco
 
 
 def latents_complete_and_finite(config: ChromaConfig, layout: Layout) -> CheckOutcome:
-    """Every usable image of the scan has a cached latent of its bucket's shape with finite values."""
+    """Every usable image of the scan has a cached latent of its bucket's shape with finite values.
+
+    What the last run encoded is read back; the rest is trusted from the index the step wrote
+    after finding each entry in its shard's header, with the finiteness seen when it was encoded
+    (`deep_cache_checks: true` reads every tensor instead).
+    """
     channels = models.vae_config(models.resolve_model_dir(config, layout.models_dir))["latent_channels"]
     scanned = {row.path: row.image_sha256 for row in usable(read_manifest(layout.manifest))}
     entries = {entry.path: entry for entry in read_latent_index(layout.latent_index)}
     store = ShardStore(layout.latent_dir)
-    problems = []
+    problems, read_back = [], 0
     for path, sha in sorted(scanned.items()):
         entry = entries.get(path)
         if entry is None or entry.image_sha256 != sha:
             problems.append(f"{path}: no latent for the scanned image")
-        elif load_latent_entry(store, entry, channels) is None:
-            problems.append(f"{path}: latent missing, wrong shape or not finite (NaN/inf)")
+        elif entry.fresh or entry.finite is None or config.deep_cache_checks:
+            read_back += 1
+            if load_latent_entry(store, entry, channels) is None:
+                problems.append(f"{path}: latent missing, wrong shape or not finite (NaN/inf)")
+        elif not entry.finite:  # the step found it in its shard's header, of its shape, when it wrote the index
+            problems.append(f"{path}: latent not finite (NaN/inf)")
     return _outcome(
-        problems, f"all {len(scanned)} usable images have finite latents",
+        problems, f"all {len(scanned)} usable images have finite latents ({read_back} read back, the others "
+        "trusted from the index the step wrote after checking their shard headers)",
         "{n} usable images have no usable latent, first: {first}. Re-materialize image_latents; if it persists, "
         "the VAE produces NaN at this precision (try mixed_precision 'no' or 'bf16').",
-        {"usable images": len(scanned), "bad latents": len(problems)},
+        {"usable images": len(scanned), "bad latents": len(problems), "read back": read_back},
     )
 
 
 def embeddings_follow_mask_rule(config: ChromaConfig, layout: Layout) -> CheckOutcome:
     """Every cached embedding has its mask: the text's tokens plus exactly one padding token open, finite values.
 
-    The tokenizer is cheap, so each text is tokenized again to count its real tokens;
-    a text that fills `tokenizer_max_length` has no padding left to open.
+    What the last run encoded is read back, and its text tokenized again to count its real
+    tokens independently (a text that fills `tokenizer_max_length` has no padding left to open).
+    The rest is checked from the index the step wrote: the open positions each file's header
+    showed (a file stores exactly those) against the token count, and the finiteness seen at
+    encoding; `deep_cache_checks: true` reads them all.
     """
     model_dir = models.resolve_model_dir(config, layout.models_dir)
-    tokenizer = models.load_tokenizer(model_dir)
     width = models.text_width(model_dir)
     max_length = config.tokenizer_max_length
-    problems, truncated = [], 0
+    problems, truncated, read_back, tokenizer = [], 0, 0, None
     entries = read_embedding_index(layout.embedding_index)
     for entry in entries:
         name = entry.path or f"{entry.role} prompt {entry.text[:40]!r}"
-        cached = load_embedding(layout.embedding_dir, entry.cache_key, max_length, width)
-        if cached is None:  # the reader refuses a truncated file, a wrong shape and NaN/inf alike
-            problems.append(f"{name}: embedding missing, corrupt or not finite (NaN/inf)")
-            continue
-        tokens = len(tokenizer(entry.text, max_length=max_length, truncation=True)["input_ids"])
+        if entry.fresh or entry.finite is None or entry.tokens is None or config.deep_cache_checks:
+            read_back += 1
+            cached = load_embedding(layout.embedding_dir, entry.cache_key, max_length, width)
+            if cached is None:  # the reader refuses a truncated file, a wrong shape and NaN/inf alike
+                problems.append(f"{name}: embedding missing, corrupt or not finite (NaN/inf)")
+                continue
+            tokenizer = tokenizer or models.load_tokenizer(model_dir)
+            tokens = len(tokenizer(entry.text, max_length=max_length, truncation=True)["input_ids"])
+            opened = int(cached["attention_mask"].sum())
+        else:  # the step read these from the file's header when it wrote the index
+            opened = entry.stored_positions
+            if opened is None:  # an index from before the count was kept
+                opened = embedding_open_positions(layout.embedding_dir, entry.cache_key, max_length, width)
+            if opened is None or not entry.finite:
+                problems.append(f"{name}: embedding missing, corrupt or not finite (NaN/inf)")
+                continue
+            tokens = min(entry.tokens, max_length)
         expected = min(tokens + 1, max_length)
         truncated += tokens >= max_length
-        opened = int(cached["attention_mask"].sum())
         if opened != expected:
             problems.append(f"{name}: {opened} open mask positions, expected {tokens} tokens + 1 padding = {expected}")
     return _outcome(
-        problems, f"all {len(entries)} embeddings keep their tokens plus one padding token",
+        problems, f"all {len(entries)} embeddings keep their tokens plus one padding token ({read_back} read back, "
+        "the others checked from the counts the step kept in the index)",
         "{n} embeddings break the Chroma mask rule, first: {first}. Re-materialize text_embeddings.",
-        {"embeddings": len(entries), "bad embeddings": len(problems), "truncated texts": truncated},
+        {"embeddings": len(entries), "bad embeddings": len(problems), "truncated texts": truncated,
+         "read back": read_back},
     )
 
 

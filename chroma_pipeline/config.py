@@ -95,6 +95,9 @@ class ChromaConfig(BaseModel):
     caption_dropout_probability: float = Field(0.0, ge=0.0, lt=1.0)
     vae_batch_size: int | None = Field(None, ge=1)  # None: 1 on CPU (measured faster there), 4 on a GPU
     vae_workers: int | None = Field(None, ge=0)  # processes decoding images ahead of the VAE; None: up to 4
+    # The blocking cache checks read back what the last run encoded and trust the rest from file
+    # headers and the flags kept at encoding; true reads every cached tensor.
+    deep_cache_checks: bool = False
 
     # --- LoRA and optimisation ----------------------------------------------------
     network_rank: int = Field(16, ge=1)

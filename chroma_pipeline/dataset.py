@@ -25,7 +25,7 @@ from PIL import Image
 from .buckets import DEFAULT_MAXIMUM_UPSCALE, bucket_for, upscale_needed
 from .errors import DatasetError
 from .images import open_rgb
-from .storage import read_rows, sha256_file, sha256_text, write_rows_atomic
+from .storage import read_rows, sha256_file, sha256_text, write_json_atomic, write_rows_atomic
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
@@ -212,19 +212,75 @@ def training_caption(original: str, source: str, options: ScanOptions) -> str:
     return caption
 
 
+class ImageFacts:
+    """What decoding and hashing each image file found, remembered by its size, mtime and inode.
+
+    A re-scan then decodes and hashes only new or changed files; an unchanged one costs a stat.
+    What is remembered depends on the file alone (its size after EXIF rotation, whether it
+    decodes, its hash), never on scan settings, so changing a setting re-uses it too.
+    """
+
+    def __init__(self, path: Path | None = None):
+        self.path = path
+        self.entries: dict[str, list] = {}  # file -> [size, mtime_ns, inode, width, height, failure, sha256]
+        self.fresh: dict[str, list] = {}
+        if path is not None and path.is_file():
+            try:
+                self.entries = json.loads(path.read_text())
+            except (ValueError, OSError):
+                pass  # a damaged memo only costs decoding again
+
+    def _signature(self, file: Path) -> list[int]:
+        stat = file.stat()
+        return [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+
+    def examine(self, file: Path | bytes, background: str) -> list:
+        """[width, height, failure ("" or "too large"/"unreadable"), sha256 ("" until needed)] of `file`."""
+        if isinstance(file, bytes):
+            return [*_decode(file, background), ""]
+        key, signature = str(file), self._signature(file)
+        known = self.entries.get(key)
+        facts = known[3:] if known and known[:3] == signature else [*_decode(file, background), ""]
+        self.fresh[key] = [*signature, *facts]
+        return facts
+
+    def sha256(self, file: Path | bytes) -> str:
+        if isinstance(file, bytes):
+            return hashlib.sha256(file).hexdigest()
+        entry = self.fresh[str(file)]
+        if not entry[-1]:
+            entry[-1] = sha256_file(file)
+        return entry[-1]
+
+    def save(self) -> None:
+        """Keep what this scan saw (files gone since are forgotten)."""
+        if self.path is not None and self.fresh != self.entries:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.path, self.fresh)
+
+
+def _decode(image: Path | bytes, background: str) -> list:
+    try:
+        width, height = open_rgb(image, background).size
+        return [width, height, ""]
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return [0, 0, "too large"]
+    except (OSError, ValueError, SyntaxError, EOFError):
+        return [0, 0, "unreadable"]
+
+
 def image_row(relative: str, image: Path | bytes, original: str, source: str, options: ScanOptions,
-              seen_hashes: dict[str, ManifestRow]) -> ManifestRow:
+              seen_hashes: dict[str, ManifestRow], facts: ImageFacts | None = None) -> ManifestRow:
     """The manifest row of one captioned image (a file or its bytes): usable, or skipped with the reason.
 
     `seen_hashes` maps each image hash met so far to the row that kept it, so a byte-identical
-    copy names the file that trains and the caption that goes with it.
+    copy names the file that trains and the caption that goes with it. `facts` remembers what
+    decoding and hashing found, so an unchanged file is not read again.
     """
-    try:
-        width, height = open_rgb(image, options.alpha_background).size
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return ManifestRow(relative, "skipped", "too large")
-    except (OSError, ValueError, SyntaxError, EOFError):
-        return ManifestRow(relative, "skipped", "unreadable")
+    facts = facts or ImageFacts()
+    width, height, failure, _ = facts.examine(image, options.alpha_background)
+    if failure:
+        return ManifestRow(relative, "skipped", failure)
     if too_small(width, height, options):
         return ManifestRow(relative, "skipped", "too small")
     if outside_aspect_limits(width, height, options):
@@ -232,7 +288,7 @@ def image_row(relative: str, image: Path | bytes, original: str, source: str, op
     if reason := upscale_skip_reason(width, height, options):
         return ManifestRow(relative, "skipped", reason)
     caption = training_caption(original, source, options)
-    image_hash = sha256_file(image) if isinstance(image, Path) else hashlib.sha256(image).hexdigest()
+    image_hash = facts.sha256(image)
     if image_hash in seen_hashes:
         kept = seen_hashes[image_hash]
         return ManifestRow(relative, "skipped", duplicate_reason(kept, relative, caption), caption=caption,
@@ -242,7 +298,8 @@ def image_row(relative: str, image: Path | bytes, original: str, source: str, op
     return row
 
 
-def scan_dataset(root: Path, options: ScanOptions = ScanOptions()) -> list[ManifestRow]:
+def scan_dataset(root: Path, options: ScanOptions = ScanOptions(), facts_path: Path | None = None) -> list[ManifestRow]:
+    """Every image under `root` as a manifest row; `facts_path` remembers decodes and hashes between scans."""
     root = Path(root).resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"instance_data_dir {root} is not a folder; set it to the folder of your images")
@@ -275,6 +332,7 @@ def scan_dataset(root: Path, options: ScanOptions = ScanOptions()) -> list[Manif
     rows: list[ManifestRow] = []
     seen_hashes: dict[str, ManifestRow] = {}
     multi_line: list[str] = []
+    facts = ImageFacts(facts_path)
     # Names, not Path objects: 100k Paths took ~100 MB (benchmarks/scale.py). Sorted as Paths sort, by parts.
     names = sorted((p.relative_to(root).as_posix() for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES),
                    key=lambda name: name.split("/"))
@@ -307,7 +365,8 @@ def scan_dataset(root: Path, options: ScanOptions = ScanOptions()) -> list[Manif
             source = options.caption_fallback
         if source == "textfile" and len([line for line in original.splitlines() if line.strip()]) > 1:
             multi_line.append(relative)
-        rows.append(image_row(relative, path, original, source, options, seen_hashes))
+        rows.append(image_row(relative, path, original, source, options, seen_hashes, facts))
+    facts.save()
 
     if options.caption_strategy == "parquet" and not keep_suffix and not any(r.caption_source == "metadata" for r in rows):
         if any(Path(name).suffix.lower() in IMAGE_SUFFIXES for name in listed):

@@ -5,6 +5,9 @@ on one machine or several. accelerate's `Accelerator` places the model, wraps it
 (gradients bucketed and averaged across ranks), autocasts, scales fp16 losses, accumulates
 and clips. What is left here: our collective timeout, pinning a GPU in a single process,
 keeping frozen base weights out of DDP, ranks agreeing on a flag, and stopping on a signal.
+
+accelerate is imported where a run starts (`process_state`, `make_accelerator`), not with this
+module: defining the Dagster assets imports it, and must not pay for accelerate.
 """
 
 from __future__ import annotations
@@ -12,14 +15,15 @@ from __future__ import annotations
 import os
 import signal
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import torch
-from accelerate import Accelerator, PartialState
-from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
 from .device import DeviceInfo
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator, PartialState
 
 # Rank 0 renders and evaluates alone while the others wait in the next collective; at
 # 1024 px with many prompts that outlasts torch's default 10-minute timeout.
@@ -38,6 +42,8 @@ def _prepare_single_process(device: DeviceInfo) -> None:
       another precision (or silently keep a CPU device): a long-lived process (a notebook, an
       in-process Dagster run) starts each training from a clean state.
     """
+    from accelerate.state import AcceleratorState, GradientState
+
     if os.environ.get("WORLD_SIZE", "1") != "1":
         return
     if device.torch_device.startswith("cuda"):
@@ -51,11 +57,16 @@ def _prepare_single_process(device: DeviceInfo) -> None:
 
 def process_state(device: DeviceInfo) -> PartialState:
     """The processes of this run (one, or every rank under `accelerate launch`), with the process group up."""
+    from accelerate import PartialState
+
     _prepare_single_process(device)
     return PartialState(cpu=device.kind == "cpu", timeout=COLLECTIVE_TIMEOUT)
 
 
 def make_accelerator(device: DeviceInfo, dtype: torch.dtype, gradient_accumulation_steps: int) -> Accelerator:
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
     _prepare_single_process(device)
     mixed_precision = {torch.float32: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     return Accelerator(

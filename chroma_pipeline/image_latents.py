@@ -9,7 +9,7 @@ from . import models
 from .config import ChromaConfig
 from .dataset import read_manifest, usable
 from .device import DeviceInfo
-from .latents import Bucketing, Framing, encode_dataset, write_latent_index
+from .latents import Bucketing, Framing, encode_dataset, read_latent_index, write_latent_index
 from .layout import Layout, StepResult
 from .sources import read_image
 from .storage import combine_hashes
@@ -42,8 +42,11 @@ def build_latents(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=
         log(f"loading VAE from {model_dir}")
         return models.load_vae(model_dir, dtype).to(device.torch_device).eval()
 
+    # What the last run saw of each entry (finite or not): trusted again, with the shard's header.
+    previous = read_latent_index(layout.latent_index) if layout.latent_index.is_file() else []
     entries, stats = encode_dataset(
         rows, dataset_bucketing(config), layout.latent_dir, load_vae,
+        known_finite={e.cache_key: e.finite for e in previous if e.finite is not None},
         latent_channels=models.vae_config(model_dir)["latent_channels"],
         vae_identity=models.component_identity(model_dir, "vae"),
         device=device.torch_device, dtype=dtype, workers=config.vae_workers, log=log,

@@ -36,6 +36,10 @@ class LatentEntry:
     bucket_width: int
     bucket_height: int
     cache_key: str
+    # Whether every value is finite, seen when the entry was encoded (None: not known yet). Kept
+    # with the index so a re-run trusts an entry from its shard's header and this flag alone.
+    finite: bool | None = None
+    fresh: bool = False  # encoded by the run that wrote this index: the checks read it back
 
 
 @dataclass(frozen=True)
@@ -73,13 +77,28 @@ def scale_latents(latents: torch.Tensor, shift_factor: float, scaling_factor: fl
 ENTRY_TENSORS = ("mean", "std")
 
 
+def latent_shape(entry: LatentEntry, latent_channels: int) -> tuple[int, int, int]:
+    return latent_channels, entry.bucket_height // VAE_DOWNSCALE, entry.bucket_width // VAE_DOWNSCALE
+
+
 def load_latent_entry(store: ShardStore, entry: LatentEntry, latent_channels: int) -> dict[str, torch.Tensor] | None:
     """The cached mean/std, or None when missing or not trustworthy (truncated shard, wrong shape, NaN)."""
     tensors = store.get(entry.cache_key, ENTRY_TENSORS)
-    shape = (latent_channels, entry.bucket_height // VAE_DOWNSCALE, entry.bucket_width // VAE_DOWNSCALE)
+    shape = latent_shape(entry, latent_channels)
     if tensors is None or any(tuple(t.shape) != shape or not torch.isfinite(t).all() for t in tensors.values()):
         return None
     return tensors
+
+
+def latent_entry_present(store: ShardStore, entry: LatentEntry, latent_channels: int) -> bool:
+    """Whether the shard's header holds this entry's mean and std at its bucket's shape (no tensor is read)."""
+    shapes = store.shapes(entry.cache_key, ENTRY_TENSORS)
+    shape = latent_shape(entry, latent_channels)
+    return shapes is not None and all(found == shape for found, _dtype in shapes.values())
+
+
+def all_finite(*tensors: torch.Tensor) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 class _BucketBatches(torch.utils.data.Dataset):
@@ -144,13 +163,16 @@ def encode_dataset(
     batch_size: int = 4,
     workers: int | None = None,
     log=print,
+    known_finite: dict[str, bool] | None = None,
 ) -> tuple[list[LatentEntry], dict[str, int]]:
     """Make sure every row has a valid cache entry; encode only those that do not.
 
     `bucketing` gives each dataset (by id) its bucket size, framing and reader. `load_vae`
     is called only when something needs encoding, so a warm cache costs no model load.
     Batches come from one bucket each; worker processes decode and resize the next batches
-    while the VAE encodes the current one.
+    while the VAE encodes the current one. An entry already cached is trusted from its shard's
+    header and `known_finite` (cache key -> finite, from the previous index): no tensor is read
+    unless that flag is unknown.
     """
     entries, jobs = [], {}
     for row in rows:
@@ -164,9 +186,23 @@ def encode_dataset(
         jobs.setdefault(key, (entry, settings, relative))  # two rows share a key only if they are the same image
 
     store = ShardStore(cache_dir)
-    missing = [job for key, job in jobs.items() if load_latent_entry(store, job[0], latent_channels) is None]
+    finite = {key: flag for key, flag in (known_finite or {}).items() if key in jobs}
+    # An entry that was NaN when encoded is encoded again (a VAE overflow may not recur).
+    missing = [job for key, job in jobs.items()
+               if finite.get(key) is False or not latent_entry_present(store, job[0], latent_channels)]
+    missing_keys = {job[0].cache_key for job in missing}
+    for key in jobs.keys() - missing_keys - finite.keys():  # cached before the flag was kept: read once to learn it
+        tensors = store.get(key, ENTRY_TENSORS)
+        finite[key] = tensors is not None and all_finite(*tensors.values())
+
+    def finish(encoded_keys: set[str]) -> tuple[list[LatentEntry], dict]:
+        for entry in entries:
+            entry.finite, entry.fresh = finite[entry.cache_key], entry.cache_key in encoded_keys
+        return entries, {"encoded": len(encoded_keys), "reused": len(entries) - len(encoded_keys),
+                         "encoded_keys": encoded_keys}
+
     if not missing:
-        return entries, {"encoded": 0, "reused": len(entries), "encoded_keys": set()}
+        return finish(set())
     # After a crash this says how much of the killed run survived (committed chunk by chunk).
     log(f"{len(jobs) - len(missing)} of {len(jobs)} images have cached latents; encoding {len(missing)}")
 
@@ -189,11 +225,12 @@ def encode_dataset(
         mean, std = encode_with_backoff(vae, pixels.to(device=device, dtype=dtype), log)
         for i, (entry, _, _) in enumerate(batch):
             store.put(entry.cache_key, {"mean": mean[i], "std": std[i]})
+            finite[entry.cache_key] = all_finite(mean[i], std[i])
         encoded += len(batch)
         rate = encoded / (time.perf_counter() - started)
         log(f"encoded {encoded}/{len(missing)} images, {rate:.1f} images/s, ETA {(len(missing) - encoded) / rate:.0f}s")
     store.flush()
-    return entries, {"encoded": encoded, "reused": len(entries) - encoded, "encoded_keys": {job[0].cache_key for job in missing}}
+    return finish(missing_keys)
 
 
 def write_latent_index(entries: list[LatentEntry], path: Path) -> None:
@@ -211,5 +248,7 @@ _INDEX_SCHEMA = pa.schema(
         ("bucket_width", pa.int32()),
         ("bucket_height", pa.int32()),
         ("cache_key", pa.string()),
+        ("finite", pa.bool_()),
+        ("fresh", pa.bool_()),
     ]
 )

@@ -19,6 +19,10 @@ class Layout:
         """File hashes remembered by stat, so watching the folder does not re-read every image."""
         return self.root / "dataset" / "file_hashes.json"
 
+    def image_facts(self, dataset_id: str) -> Path:
+        """What decoding and hashing each image found, remembered by stat, so a re-scan decodes only changes."""
+        return self.root / "dataset" / f"image_facts{'.' + dataset_id if dataset_id else ''}.json"
+
     @property
     def dataset_observed(self) -> Path:
         """The files as the last recorded observation saw them, to say what changed since."""

@@ -6,10 +6,12 @@ import functools
 import json
 import threading
 from dataclasses import dataclass
+from importlib.metadata import version
 
 import psutil
 
 from .errors import DoesNotFit
+from .storage import combine_hashes, user_cache_file, write_json_atomic
 
 
 class PeakRSS:
@@ -58,6 +60,7 @@ OVERHEAD = 1.5 * 2**30  # CUDA context, allocator slack, python + torch on the h
 # model 0.2; with checkpointing a block keeps its input (1.0) and the rest of the model 1.0.
 INSIDE_DOUBLE, INSIDE_SINGLE, OUTSIDE_BLOCKS = 15.3, 14.3, 0.2
 KEPT_PER_CHECKPOINTED_BLOCK, OUTSIDE_CHECKPOINTED = 1.0, 1.0
+SHAPES_VERSION = 1  # of what `module_shapes` remembers: bump when `_measure_shapes` records something else
 AUTO_SHARE = 0.9  # `auto` fills at most this share of free memory: room for fragmentation and the VAE during renders
 
 
@@ -95,44 +98,35 @@ def estimate(transformer_config: dict, precision: str, *, keep=(), rank: int = 1
                      lora_pattern, tuple(bucket), batch_size, text_tokens, gradient_checkpointing, bytes_per_kept)
 
 
-@functools.lru_cache(maxsize=64)  # every step asks; building the 8.9B skeleton, even on "meta", takes a moment
+@functools.lru_cache(maxsize=64)  # every step asks
 def _estimate(transformer_config: str, precision: str, keep: tuple, rank: int, lora_pattern: str | None,
               bucket: tuple[int, int], batch_size: int, text_tokens: int, gradient_checkpointing: bool,
               bytes_per_kept: int) -> Estimate:
     import re
 
-    import torch
-    from accelerate import init_empty_weights
-    from diffusers import ChromaTransformer2DModel
-
     from .quantize import is_kept
 
-    with init_empty_weights():
-        model = ChromaTransformer2DModel.from_config(json.loads(transformer_config))
+    shapes = module_shapes(transformer_config)
     bits = BITS[precision]
     weights = lora_params = 0
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            kept = precision == "no_change" or is_kept(name, keep)
-            numel = module.weight.numel()
-            if kept:
-                weights += numel * bytes_per_kept
-            else:
-                group, group_bytes = GROUP.get(precision, (module.in_features, 2))  # per-channel scale otherwise
-                weights += numel * bits // 8 + (numel // group) * group_bytes
-            weights += (module.bias.numel() * bytes_per_kept) if module.bias is not None else 0
-            if lora_pattern and re.fullmatch(lora_pattern, name):
-                lora_params += rank * (module.in_features + module.out_features)
-        elif not list(module.children()):
-            weights += sum(p.numel() for p in module.parameters(recurse=False)) * bytes_per_kept
-    blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
-    largest_block = max(sum(p.numel() for p in block.parameters()) for block in blocks) * 2
-    hidden = model.config.num_attention_heads * model.config.attention_head_dim
+    for name, in_features, out_features, bias in shapes["linear"]:
+        kept = precision == "no_change" or is_kept(name, keep)
+        numel = in_features * out_features
+        if kept:
+            weights += numel * bytes_per_kept
+        else:
+            group, group_bytes = GROUP.get(precision, (in_features, 2))  # per-channel scale otherwise
+            weights += numel * bits // 8 + (numel // group) * group_bytes
+        weights += bias * bytes_per_kept
+        if lora_pattern and re.fullmatch(lora_pattern, name):
+            lora_params += rank * (in_features + out_features)
+    weights += shapes["other_parameters"] * bytes_per_kept
+    largest_block = shapes["largest_block_parameters"] * 2
     tokens = (bucket[0] // 16) * (bucket[1] // 16) + text_tokens  # 8x VAE, then 2x2 patches
-    per_block_io = batch_size * tokens * hidden * 2  # one bf16 hidden state of every token
+    per_block_io = batch_size * tokens * shapes["hidden"] * 2  # one bf16 hidden state of every token
     # What the backward pass keeps (the measured constants above). With checkpointing, the block
     # being recomputed during the backward also holds its internals, as measured without it.
-    doubles, singles = len(model.transformer_blocks), len(model.single_transformer_blocks)
+    doubles, singles = shapes["double_blocks"], shapes["single_blocks"]
     if gradient_checkpointing:
         recomputed = INSIDE_DOUBLE if doubles else INSIDE_SINGLE
         kept = OUTSIDE_CHECKPOINTED + (doubles + singles) * KEPT_PER_CHECKPOINTED_BLOCK + recomputed
@@ -142,6 +136,50 @@ def _estimate(transformer_config: str, precision: str, keep: tuple, rank: int, l
     quantize_host_peak = (weights if precision != "no_change" else 0) + largest_block + int(OVERHEAD)
     return Estimate(precision, int(weights), int(lora_params * 16), int(activations), int(quantize_host_peak),
                     int(largest_block))
+
+
+@functools.lru_cache(maxsize=8)
+def module_shapes(transformer_config: str) -> dict:
+    """What the estimate reads of the transformer built from `transformer_config` (JSON): every Linear
+    (name, in and out features, bias size), the other parameters, the largest block, the width and
+    the block counts. Remembered on disk per config and diffusers version: building the skeleton
+    means importing diffusers, seconds that a re-run with every cache valid would spend on nothing."""
+    memo_file = user_cache_file("transformer-shapes.json")
+    memo_key = combine_hashes(transformer_config, version("diffusers"), str(SHAPES_VERSION))
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if memo_key not in memo:
+        memo[memo_key] = _measure_shapes(json.loads(transformer_config))
+        try:
+            write_json_atomic(memo_file, memo)
+        except OSError:  # a read-only home: estimate every time
+            pass
+    return memo[memo_key]
+
+
+def _measure_shapes(transformer_config: dict) -> dict:
+    import torch
+    from accelerate import init_empty_weights
+    from diffusers import ChromaTransformer2DModel
+
+    with init_empty_weights():
+        model = ChromaTransformer2DModel.from_config(transformer_config)
+    linear, other = [], 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            linear.append([name, module.in_features, module.out_features,
+                           module.bias.numel() if module.bias is not None else 0])
+        elif not list(module.children()):
+            other += sum(p.numel() for p in module.parameters(recurse=False))
+    blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
+    return {
+        "linear": linear, "other_parameters": other,
+        "largest_block_parameters": max(sum(p.numel() for p in block.parameters()) for block in blocks),
+        "hidden": model.config.num_attention_heads * model.config.attention_head_dim,
+        "double_blocks": len(model.transformer_blocks), "single_blocks": len(model.single_transformer_blocks),
+    }
 
 
 def host_available() -> int:

@@ -17,7 +17,7 @@ import torch
 
 from .config import FLAVOUR_REPOS, ChromaConfig
 from .errors import UserError
-from .storage import sha256_file, write_json_atomic
+from .storage import sha256_file, user_cache_file, write_json_atomic
 from .tiny import build_tiny_chroma
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -124,17 +124,13 @@ def component_identity(model_dir: Path, component: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def _digest_memo_file() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "chroma-pipeline" / "weight-digests.json"
-
-
 def weights_digest(path: Path) -> str:
     real = Path(os.path.realpath(path))
     if real.parent.name == "blobs" and len(real.name) == 64:  # the Hub cache already did the hashing
         return real.name
     stat = real.stat()
     memo_key = f"{real}:{stat.st_size}:{stat.st_mtime_ns}"
-    memo_file = _digest_memo_file()
+    memo_file = user_cache_file("weight-digests.json")
     try:
         memo = json.loads(memo_file.read_text())
     except (OSError, ValueError):

@@ -49,17 +49,15 @@ def _quanto_weights(precision: str):
 
 
 def quanto_version() -> str:
-    from optimum.quanto import __version__
-
-    return __version__
+    return library_version("int8-quanto")
 
 
 def library_version(precision: str) -> str:
-    if precision in BNB_PRECISIONS:
-        from bitsandbytes import __version__
-    else:
-        from optimum.quanto import __version__
-    return __version__
+    """The installed version of the library that quantizes to `precision` (its `__version__`), read from the
+    package metadata: importing optimum.quanto would import transformers and diffusers to name a cache entry."""
+    from importlib.metadata import version
+
+    return version("bitsandbytes" if precision in BNB_PRECISIONS else "optimum-quanto")
 
 
 def quantized_model_key(transformer_identity: str, precision: str, dtype: torch.dtype, keep=KEEP_FULL_PRECISION) -> str:

@@ -51,7 +51,7 @@ def scan_options(config: ChromaConfig, dataset: ImageDataset) -> ScanOptions:
     )
 
 
-def scan_one(config: ChromaConfig, dataset: ImageDataset) -> list[ManifestRow]:
+def scan_one(config: ChromaConfig, dataset: ImageDataset, layout: Layout | None = None) -> list[ManifestRow]:
     options = scan_options(config, dataset)
     if options.caption_strategy == "instanceprompt" and not options.instance_prompt:
         raise DatasetError(f"{dataset.describe()}: caption_strategy 'instanceprompt' needs `instance_prompt`, "
@@ -65,7 +65,7 @@ def scan_one(config: ChromaConfig, dataset: ImageDataset) -> list[ManifestRow]:
             "the config file, else under the working directory)"
         )
     else:
-        rows = scan_dataset(dataset.root, options)
+        rows = scan_dataset(dataset.root, options, layout.image_facts(dataset.id) if layout else None)
     for row in rows:
         row.path, row.dataset = sample_path(dataset.id, row.path), dataset.id
     name_duplicates_by_sample_path(rows, dataset.id)
@@ -99,7 +99,7 @@ def no_usable_sample_message(dataset: ImageDataset, rows: list[ManifestRow]) -> 
 def build_manifest(config: ChromaConfig, layout: Layout) -> tuple[StepResult, list[ManifestRow]]:
     # Duplicates are looked for inside each dataset only: the same folder listed twice at two
     # resolutions (SimpleTuner's multi-resolution recipe) is two datasets, not duplicates.
-    rows = [row for dataset in config.image_datasets for row in scan_one(config, dataset)]
+    rows = [row for dataset in config.image_datasets for row in scan_one(config, dataset, layout)]
     ok = usable(rows)
     empty = [d for d in config.image_datasets if not any(r.dataset == d.id for r in ok)]
     if empty:

@@ -73,6 +73,25 @@ class ShardStore:
             self._broken.add(shard)
             return None
 
+    def shapes(self, key: str, names: tuple[str, ...]) -> dict[str, tuple[tuple[int, ...], str]] | None:
+        """Each tensor's (shape, dtype) as the shard's header gives them, reading no tensor data; None if absent.
+
+        safetensors refuses to open a file shorter than its header says, so a truncated shard
+        is absent here too.
+        """
+        shard = self.mapping.get(key)
+        if shard is None or shard in self._broken:
+            return None
+        try:
+            handle = self._open.get(shard) or self._open.setdefault(
+                shard, safe_open(str(self.folder / shard), framework="pt")
+            )
+            slices = {name: handle.get_slice(f"{key}/{name}") for name in names}
+            return {name: (tuple(piece.get_shape()), piece.get_dtype()) for name, piece in slices.items()}
+        except Exception:
+            self._broken.add(shard)
+            return None
+
     def put(self, key: str, tensors: dict[str, torch.Tensor], flush_when_full: bool = True) -> None:
         if not self._pending_keys:
             self._pending_since = time.monotonic()

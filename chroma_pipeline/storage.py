@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 import json
 import os
@@ -160,12 +162,27 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def user_cache_file(name: str) -> Path:
+    """A file of this user's chroma-pipeline cache (XDG_CACHE_HOME, else ~/.cache), shared by every project."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "chroma-pipeline" / name
+
+
 def combine_hashes(*parts: str) -> str:
     """One short hash naming a set of inputs; order matters, so callers pass sorted lists."""
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
 
 
 def parse_jsonc(text: str):
+    """JSON with comments and trailing commas (see `_parse_jsonc`); parsed once per distinct text.
+
+    A run reads its config in several places, and json5's parser is pure Python (60 ms for the
+    demo's config): each caller gets its own copy of the one parse.
+    """
+    return copy.deepcopy(_parse_jsonc(text))
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_jsonc(text: str):
     """JSON with comments and trailing commas (json5), with escaped surrogate pairs joined.
 
     Python's json.dump writes an emoji as "\\ud83d\\udfeb"; json5 keeps those as two lone

@@ -28,6 +28,12 @@ class EmbeddingEntry:
     # The text's tokens before truncation (T5's closing </s> included): more than max_length means
     # the embedding saw only the first max_length. Counted once, then kept with the index row.
     tokens: int | None = None
+    # Whether every value is finite, seen when it was encoded (None: not known yet), and whether
+    # the run that wrote this index encoded it (the checks read those back). A re-run trusts an
+    # entry from its file's header and these, reading no tensor.
+    finite: bool | None = None
+    fresh: bool = False
+    stored_positions: int | None = None  # the open positions its file holds, as its header said
 
 
 def chroma_attention_mask(tokenizer_mask: torch.Tensor) -> torch.Tensor:
@@ -96,6 +102,23 @@ def load_embedding(cache_dir: Path, key: str, max_length: int, width: int) -> di
     return {"prompt_embeds": padded, "attention_mask": tensors["attention_mask"].long()}
 
 
+def embedding_open_positions(cache_dir: Path, key: str, max_length: int, width: int) -> int | None:
+    """How many positions an entry stores (its open ones), from the file's header alone; None if absent or misshapen.
+
+    safetensors refuses to open a file shorter than its header says, so a truncated entry is absent.
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(entry_file(cache_dir, key)), framework="pt") as handle:
+            embeds, mask = handle.get_slice("prompt_embeds").get_shape(), handle.get_slice("attention_mask").get_shape()
+    except Exception:  # missing, truncated, foreign
+        return None
+    if tuple(mask) != (max_length,) or len(embeds) != 2 or embeds[1] != width or not 0 < embeds[0] <= max_length:
+        return None
+    return embeds[0]
+
+
 def save_embedding(cache_dir: Path, key: str, prompt_embeds: torch.Tensor, attention_mask: torch.Tensor) -> int:
     """Write one entry with only its open positions; returns the bytes on disk."""
     open_positions = int(attention_mask.sum())
@@ -118,13 +141,16 @@ def encode_texts(
     log=print,
     known_tokens: dict[str, int] | None = None,
     load_tokenizer=None,
+    known_finite: dict[str, bool] | None = None,
 ) -> tuple[list[EmbeddingEntry], dict[str, int]]:
     """Cache an embedding for every distinct text; `texts_by_role` holds (role, text, path) triples.
 
     `load_encoder` returns (tokenizer, text_encoder) and is called only if something is missing;
     the encoder is released when this returns. Every entry gets its token count: counted while
     encoding, else taken from `known_tokens` (cache key -> count, from the previous index), else
-    counted with `load_tokenizer()` alone, so a fully cached run never loads T5 to count.
+    counted with `load_tokenizer()` alone, so a fully cached run never loads T5 to count. A
+    cached entry is trusted from its file's header and `known_finite` (cache key -> finite, from
+    the previous index); its tensors are read only when that flag is unknown.
     """
     entries: dict[tuple[str, str, str], EmbeddingEntry] = {}
     for role, text, path in texts_by_role:
@@ -133,7 +159,13 @@ def encode_texts(
         entries.setdefault((role, text_hash, path), EmbeddingEntry(text_hash, role, key, text, path))
 
     distinct = {e.cache_key: e.text for e in entries.values()}
-    missing = [(key, text) for key, text in distinct.items() if load_embedding(cache_dir, key, max_length, width) is None]
+    finite = {key: flag for key, flag in (known_finite or {}).items() if key in distinct}
+    # An entry that was NaN when encoded is encoded again (an fp16 overflow may not recur).
+    stored = {key: embedding_open_positions(cache_dir, key, max_length, width) for key in distinct}
+    missing = [(key, text) for key, text in distinct.items() if finite.get(key) is False or stored[key] is None]
+    missing_keys = {key for key, _ in missing}
+    for key in distinct.keys() - missing_keys - finite.keys():  # cached before the flag was kept: read once
+        finite[key] = load_embedding(cache_dir, key, max_length, width) is not None
     if missing:  # after a crash this says how much of the killed run survived (each entry is its own file)
         log(f"{len(distinct) - len(missing)} of {len(distinct)} texts have cached embeddings; encoding {len(missing)}")
     tokenizer, text_encoder = load_encoder() if missing else (None, None)
@@ -147,6 +179,8 @@ def encode_texts(
         tokens.update(zip([key for key, _ in batch], count_tokens(tokenizer, [text for _, text in batch]), strict=True))
         for i, (key, _text) in enumerate(batch):
             save_embedding(cache_dir, key, prompt_embeds[i], attention_mask[i])
+            stored[key] = int(attention_mask[i].sum())
+            finite[key] = bool(torch.isfinite(prompt_embeds[i][: stored[key]]).all())
         done = min(start + batch_size, len(missing))
         if done == len(missing) or (start // batch_size) % 25 == 0:
             rate = done / max(time.perf_counter() - started, 1e-9)
@@ -157,14 +191,16 @@ def encode_texts(
         counter = tokenizer or load_tokenizer()
         tokens.update(zip(uncounted, count_tokens(counter, [distinct[key] for key in uncounted]), strict=True))
     for entry in entries.values():
-        entry.tokens = tokens[entry.cache_key]
+        entry.tokens, entry.finite = tokens[entry.cache_key], finite[entry.cache_key]
+        entry.stored_positions = stored[entry.cache_key]
+        entry.fresh = entry.cache_key in missing_keys
 
     bytes_on_disk = sum(entry_file(cache_dir, key).stat().st_size for key in distinct)
     itemsize = torch.empty((), dtype=dtype).element_size()
     bytes_unpruned = len(distinct) * (max_length * width * itemsize + max_length)
     stats = {
         "encoded": len(missing), "reused": len(distinct) - len(missing),
-        "bytes_on_disk": bytes_on_disk, "bytes_unpruned": bytes_unpruned, "encoded_keys": {key for key, _ in missing},
+        "bytes_on_disk": bytes_on_disk, "bytes_unpruned": bytes_unpruned, "encoded_keys": missing_keys,
     }
     return list(entries.values()), stats
 
@@ -180,6 +216,7 @@ def read_embedding_index(path: Path) -> list[EmbeddingEntry]:
 _INDEX_SCHEMA = pa.schema(
     [
         ("text_sha256", pa.string()), ("role", pa.string()), ("cache_key", pa.string()), ("text", pa.string()),
-        ("path", pa.string()), ("tokens", pa.int32()),
+        ("path", pa.string()), ("tokens", pa.int32()), ("finite", pa.bool_()), ("fresh", pa.bool_()),
+        ("stored_positions", pa.int32()),
     ]
 )

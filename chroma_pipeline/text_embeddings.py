@@ -79,10 +79,12 @@ def build_embeddings(config: ChromaConfig, layout: Layout, device: DeviceInfo, l
         max_length=config.tokenizer_max_length, padding=config.flux_t5_padding,
         device=device.torch_device, dtype=dtype, log=log,
         known_tokens={e.cache_key: e.tokens for e in previous_entries if e.tokens is not None},
+        known_finite={e.cache_key: e.finite for e in previous_entries if e.finite is not None},
         load_tokenizer=lambda: models.load_tokenizer(model_dir),
     )
-    gc.collect()  # the encoder is out of scope now; make sure its memory goes back before training
-    device.empty_cache()
+    if stats["encoded"]:  # the encoder is out of scope now; make sure its memory goes back before training
+        gc.collect()
+        device.empty_cache()
     write_embedding_index(entries, layout.embedding_index)
     current = {e.cache_key for e in entries}
     stats.update(distinct_texts=len(current), dropped=len(previous - current))

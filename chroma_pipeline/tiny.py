@@ -121,12 +121,12 @@ def build_tiny_chroma(target: Path) -> Path:
     The folder is written under a temporary name and renamed into place, so an
     interrupted build never looks complete.
     """
-    from diffusers import ChromaPipeline
-
     target = Path(target)
     stamp = target / "tiny_build.json"
     if stamp.exists() and json.loads(stamp.read_text()).get("version") == TINY_VERSION:
         return target
+
+    from diffusers import ChromaPipeline  # only to build: a complete build is reused without importing diffusers
 
     with atomic_dir(target) as staging:
         pipe = ChromaPipeline(**_build_components())

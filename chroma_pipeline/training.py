@@ -7,6 +7,7 @@ one process, N processes (`accelerate launch`, DDP) and N machines run the same 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -15,11 +16,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import gather_object
 from PIL import Image
 from tqdm.auto import tqdm
 
 from .batches import (
+    Prefetched,
     TrainingSample,
     batch_generator,
     bucket_batches,
@@ -111,6 +112,7 @@ def train_lora(
     evaluates, renders, checkpoints and writes the adapter. SIGTERM finishes the step,
     writes a checkpoint and raises `TrainingStopped`.
     """
+    from accelerate.utils import gather_object
     from diffusers.optimization import get_scheduler
 
     if not samples:
@@ -180,19 +182,43 @@ def train_lora(
         log(f"resuming from checkpoint {checkpoint.name}: step {resumed_from} of {steps} done")
         if rank:  # the checkpoint holds rank 0's global RNG (LoRA dropout); the others need their own
             torch.manual_seed(config.seed + rank + 1_000_003 * resumed_from)
+    def batches_of_this_rank(first_draw: int):
+        """(batch, its generator, its tensors) in order: every rank draws the same `world` batches
+        from the shared order and trains on its own."""
+        draw = first_draw
+        while True:
+            batch = [next(batches) for _ in range(world)][rank]
+            generator = batch_generator(config.seed, draw + rank)
+            draw += world
+            yield batch, generator, load_batch(batch, **load, generator=generator)
+
     started = time.perf_counter()
     seen = 0
+    unread_losses: list[tuple[int, torch.Tensor]] = []  # (step, loss) still on the device: read every log_every steps
+
+    def read_losses() -> None:
+        """Bring the pending losses to the host (one sync for several steps) and stop on the first non-finite one."""
+        if not unread_losses:
+            return
+        values = accelerator.reduce(torch.stack([loss for _, loss in unread_losses]), reduction="mean").tolist()
+        for (at_step, _), value in zip(unread_losses, values, strict=True):
+            if not math.isfinite(value):
+                raise FloatingPointError(
+                    f"loss became {value} at step {at_step}: lower learning_rate (now {config.learning_rate}) "
+                    "or use mixed_precision bf16 instead of fp16"
+                )
+        losses.extend(values)
+        unread_losses.clear()
+
     bar = tqdm(total=steps, initial=first_step - 1, unit="step", disable=not (progress_bar and accelerator.is_main_process))
-    with StopRequest() as stop:
+    loader = Prefetched(batches_of_this_rank(drawn))
+    with StopRequest() as stop, contextlib.closing(loader):
         for step in range(first_step, steps + 1):
             step_loss = torch.zeros((), device=on_device)
             for _ in range(config.gradient_accumulation_steps):
-                # Every rank draws the same `world` batches from the shared order and trains on its own.
-                batch, draw = [next(batches) for _ in range(world)][rank], drawn + rank
+                batch, generator, (x0, prompt_embeds, text_mask) = next(loader)
                 drawn += world
                 seen += len(batch)
-                generator = batch_generator(config.seed, draw)
-                x0, prompt_embeds, text_mask = load_batch(batch, **load, generator=generator)
                 if config.caption_dropout_probability > 0:
                     drop = torch.rand(x0.shape[0], generator=generator) < config.caption_dropout_probability
                     prompt_embeds[drop] = empty["prompt_embeds"].to(on_device, dtype)
@@ -219,23 +245,20 @@ def train_lora(
                     optimizer.zero_grad(set_to_none=True)
                 step_loss += loss.detach() / config.gradient_accumulation_steps
             lr_scheduler.step()
-            step_loss = accelerator.reduce(step_loss, reduction="mean").item()
+            unread_losses.append((step, step_loss))
             bar.update(1)
 
-            if not math.isfinite(step_loss):
-                raise FloatingPointError(
-                    f"loss became {step_loss} at step {step}: lower learning_rate (now {config.learning_rate}) "
-                    "or use mixed_precision bf16 instead of fp16"
-                )
-            losses.append(step_loss)
+            evaluate_now = config.validation_every and step % config.validation_every == 0
+            stopping = any_rank(accelerator, stop.requested) and step < steps
+            checkpoint_now = (step % config.checkpointing_steps == 0 or stopping) and checkpoint_dir and step < steps
+            if step % log_every == 0 or step == steps or evaluate_now or checkpoint_now:
+                read_losses()  # the only host sync of the loop
             if step % log_every == 0 or step == steps:
                 rate = (step - first_step + 1) / (time.perf_counter() - started)
                 log(
-                    f"step {step}/{steps} loss {step_loss:.4f} lr {lr_scheduler.get_last_lr()[0]:.2e} "
+                    f"step {step}/{steps} loss {losses[-1]:.4f} lr {lr_scheduler.get_last_lr()[0]:.2e} "
                     f"{rate:.2f} steps/s ETA {(steps - step) / rate:.0f}s {_memory_in_use(on_device)}"
                 )
-            evaluate_now = config.validation_every and step % config.validation_every == 0
-            stopping = any_rank(accelerator, stop.requested) and step < steps
             failure = None
             try:  # rank 0's own work; if it fails, every rank must stop, not wait in the next collective
                 if held and accelerator.is_main_process and (evaluate_now or step == steps):
@@ -251,8 +274,7 @@ def train_lora(
                     with torch.no_grad(), accelerator.autocast():
                         progress[step] = render_progress(transformer, step)
                     transformer.train()
-                checkpoint_now = step % config.checkpointing_steps == 0 or stopping
-                if checkpoint_dir and accelerator.is_main_process and checkpoint_now and step < steps:
+                if accelerator.is_main_process and checkpoint_now:
                     save_checkpoint(checkpoint_dir, step, **live, batches_drawn=drawn, losses=losses, progress=progress,
                                     keep_last=config.checkpoints_total_limit,
                                     extra={"validation_losses": validation_losses})

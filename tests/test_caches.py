@@ -288,3 +288,93 @@ def test_pairing_latents_with_captions_reads_three_columns_of_the_text_index_not
     assert empty == "0" * 24 and len(samples) == count
     assert samples[7].latent.path == "000007.png" and samples[7].embedding_key == f"{-7:024x}"
     assert (peak - held) / count < 400  # bytes per sample beyond the samples: 600 reading whole rows, 190 now
+
+
+@pytest.fixture
+def tensor_reads(monkeypatch):
+    """Count every cached tensor file or shard body read (headers are not counted)."""
+    import chroma_pipeline.shards as shards_module
+    import chroma_pipeline.storage as storage_module
+
+    reads = {"latents": 0, "embeddings": 0}
+    get, load = shards_module.ShardStore.get, storage_module.load_file
+
+    def counted_get(store, *args, **kwargs):
+        reads["latents"] += 1
+        return get(store, *args, **kwargs)
+
+    def counted_load(*args, **kwargs):
+        reads["embeddings"] += 1
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(shards_module.ShardStore, "get", counted_get)
+    monkeypatch.setattr(storage_module, "load_file", counted_load)
+    return reads
+
+
+def _checks(config_path: Path):
+    from chroma_pipeline import checks
+
+    config = load_config(config_path)
+    layout = Layout(Path(config.output_dir))
+    return checks.latents_complete_and_finite(config, layout), checks.embeddings_follow_mask_rule(config, layout)
+
+
+def test_a_no_op_rerun_and_its_checks_read_no_cached_tensor(small_project, tensor_reads):
+    _run(small_project)
+    latents_check, texts_check = _checks(small_project)  # after an encode: everything just written is read back
+    assert latents_check.passed and latents_check.counts["read back"] == 9
+    assert texts_check.passed and texts_check.counts["read back"] == 13  # 12 texts; the empty one has two roles
+
+    _run(small_project)
+    tensor_reads.update(latents=0, embeddings=0)
+    latents_check, texts_check = _checks(small_project)
+    assert latents_check.passed and texts_check.passed
+    assert latents_check.counts["read back"] == texts_check.counts["read back"] == 0
+    _run(small_project)
+    assert tensor_reads == {"latents": 0, "embeddings": 0}  # shard and file headers only
+
+
+def test_after_one_caption_edit_the_check_reads_back_that_caption_only(small_project, tensor_reads):
+    _run(small_project)
+    caption = sorted((small_project.parent / "dataset").glob("*.txt"))[2]
+    caption.write_text("one caption rewritten")
+    _run(small_project)
+    tensor_reads.update(latents=0, embeddings=0)
+    _, texts_check = _checks(small_project)
+    assert texts_check.passed and texts_check.counts["read back"] == 1 and tensor_reads["embeddings"] == 1
+
+
+def test_a_latent_that_was_nan_when_encoded_fails_its_check_and_is_encoded_again_next_run(small_project, monkeypatch,
+                                                                                       counters):
+    import torch
+
+    from chroma_pipeline import latents as latents_module
+
+    encode = latents_module.encode_with_backoff
+
+    def first_image_nan(vae, pixels, log=print):
+        mean, std = encode(vae, pixels, log)
+        if not getattr(first_image_nan, "done", False):
+            first_image_nan.done = True
+            mean = torch.full_like(mean, float("nan"))
+        return mean, std
+
+    monkeypatch.setattr(latents_module, "encode_with_backoff", first_image_nan)
+    _run(small_project)
+    latents_check, _ = _checks(small_project)
+    assert not latents_check.passed and "not finite" in latents_check.problems[0]
+    monkeypatch.setattr(latents_module, "encode_with_backoff", encode)  # the overflow does not recur
+    _run(small_project)
+    assert counters["images"] == 9 + 1  # that image again, no other
+    latents_check, _ = _checks(small_project)
+    assert latents_check.passed and latents_check.counts["read back"] == 1
+
+
+def test_deep_cache_checks_read_every_tensor(small_project):
+    _run(small_project)
+    _run(small_project)
+    values = __import__("json").loads(small_project.read_text())
+    write_config(small_project, {**values, "deep_cache_checks": True})
+    latents_check, texts_check = _checks(small_project)
+    assert latents_check.counts["read back"] == 9 and texts_check.counts["read back"] == 13

@@ -157,3 +157,28 @@ def test_the_scan_holds_no_path_object_per_image_while_it_walks(tmp_path):
     # Bytes per image beyond the rows it returns: 920 with a Path per image, 630 with names (most of it
     # the folder listing that rglob holds).
     assert (peak - held) / 2000 < 780
+
+
+def test_a_rescan_decodes_and_hashes_only_new_or_changed_images(tmp_path, monkeypatch):
+    import chroma_pipeline.dataset as dataset_module
+
+    root, facts = tmp_path / "data", tmp_path / "image_facts.json"
+    _image(root / "a.png", colour="red", caption="caption a")
+    _image(root / "b.png", colour="blue", caption="caption b")
+    _image(root / "c.png", size=(80, 64), colour="green", caption="caption c")
+    (root / "broken.png").write_bytes(b"not an image")
+    (root / "broken.txt").write_text("broken")
+    first = scan_dataset(root, AT_64, facts)
+
+    read = []
+    decode, digest = dataset_module.open_rgb, dataset_module.sha256_file
+    monkeypatch.setattr(dataset_module, "open_rgb", lambda image, *a: read.append(Path(image).name) or decode(image, *a))
+    monkeypatch.setattr(dataset_module, "sha256_file", lambda path: read.append(Path(path).name) or digest(path))
+    assert scan_dataset(root, AT_64, facts) == first and read == []  # a stat per file, nothing read
+
+    _image(root / "b.png", size=(64, 96), colour="white", caption="caption b, edited")  # new pixels and caption
+    (root / "c.txt").write_text("only the caption changed")
+    again = {row.path: row for row in scan_dataset(root, AT_64, facts)}
+    assert read == ["b.png", "b.png"]  # decoded once and hashed once; c.png's pixels were not read again
+    assert (again["b.png"].width, again["b.png"].height) == (64, 96) and again["c.png"].caption == "only the caption changed"
+    assert again["broken.png"].skip_reason == "unreadable"  # a remembered failure is still reported
