@@ -29,5 +29,5 @@ def image_markdown(image, title: str) -> MetadataValue:
     return MetadataValue.md(report.image_markdown(image, title).text)
 
 
-def markdown_table(header: list[str], rows: list[list]) -> MetadataValue:
-    return MetadataValue.md(report.markdown_table(header, rows).text)
+def markdown_table(header: list[str], rows: list[list], total: int | None = None, rest: str = "") -> MetadataValue:
+    return MetadataValue.md(report.markdown_table(header, rows, total, rest).text)

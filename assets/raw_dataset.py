@@ -16,6 +16,10 @@ from .dataset_folder import DATASET_FOLDER, latest_observed_version
 # caption leaves image_latents in sync and editing pixels leaves text_embeddings in sync.
 IMAGES = AssetKey(["raw_dataset", "images"])
 CAPTIONS = AssetKey(["raw_dataset", "captions"])
+# The run log and the metadata name this many skipped files, however many there are (a 100k-image
+# folder can skip thousands); the manifest lists every one with its reason.
+SHOWN_SKIPPED = 200
+SHOWN_DUPLICATES = 50
 
 
 @multi_asset(
@@ -36,9 +40,10 @@ def raw_dataset(context: AssetExecutionContext, chroma: ChromaConfigResource, st
     # folder as it is; if that differs from the last observation, its lineage names the old
     # one. Say so: `dataset_watch` records the change at its next tick, and the UI then
     # shows this scan as unsynced until it runs again with the observation.
-    fingerprint = fingerprint_config_datasets(config, layout.dataset_memo)
+    # Only the version is kept: the file list (two entries per image) need not stay in memory during the scan.
+    fingerprint = fingerprint_config_datasets(config, layout.dataset_memo).version
     observed = latest_observed_version(context.instance)
-    if fingerprint.version != observed:
+    if fingerprint != observed:
         context.log.warning(
             ("The dataset folders " if config.named_datasets else "The dataset folder ")
             + ", ".join(str(d.root) for d in config.image_datasets) + " "
@@ -56,8 +61,11 @@ def raw_dataset(context: AssetExecutionContext, chroma: ChromaConfigResource, st
         context.log.warning(str(warning.message))
     versions = result.stats["versions"]
     skipped = [row for row in rows if row.status != "ok"]
-    for row in skipped:
+    for row in skipped[:SHOWN_SKIPPED]:
         context.log.warning(f"skipped {row.path}: {row.skip_reason}")
+    if len(skipped) > SHOWN_SKIPPED:
+        context.log.warning(f"... and {len(skipped) - SHOWN_SKIPPED:,} more skipped files, not logged one by one: "
+                            f"{result.path} lists every file with its reason ('skipped by reason' counts them)")
     usable = [row for row in rows if row.status == "ok"]
     yield MaterializeResult(
         asset_key=IMAGES,
@@ -67,11 +75,12 @@ def raw_dataset(context: AssetExecutionContext, chroma: ChromaConfigResource, st
             "skipped": result.stats["skipped"],
             # "duplicate of a.png" and "duplicate of b.png" count as one reason; the table keeps which.
             "skipped by reason": MetadataValue.json(dict(Counter(reason_group(row.skip_reason) for row in skipped))),
-            "skipped files": markdown_table(["file", "reason"], [[r.path, r.skip_reason] for r in skipped[:200]]),
+            "skipped files": markdown_table(["file", "reason"], [[r.path, r.skip_reason] for r in skipped[:SHOWN_SKIPPED]],
+                                            total=len(skipped), rest=f": {result.path} lists every one with its reason"),
             **_duplicates(rows),
             "manifest": MetadataValue.path(str(result.path)),
             "dataset": MetadataValue.path(config.data_backend_config or config.instance_data_dir),
-            "dataset fingerprint": fingerprint.version,
+            "dataset fingerprint": fingerprint,
             **(_per_dataset(config, rows) if config.named_datasets else {}),
         },
     )
@@ -95,9 +104,11 @@ def _duplicates(rows) -> dict:
     copies = [row for row in rows if row.duplicate_of]
     table = [[row.path, row.duplicate_of, kept[row.duplicate_of].caption[:80], row.caption[:80],
               "same caption" if row.caption == kept[row.duplicate_of].caption else "this file's caption is not used"]
-             for row in copies[:50]]
+             for row in copies[:SHOWN_DUPLICATES]]
     header = ["file (skipped)", "copy of (kept, first by name)", "kept caption", "its own caption", "captions"]
-    return {"duplicates": len(copies), **({"duplicate files": markdown_table(header, table)} if copies else {})}
+    rest = ": the manifest names each one's original (column duplicate_of)"
+    return {"duplicates": len(copies),
+            **({"duplicate files": markdown_table(header, table, total=len(copies), rest=rest)} if copies else {})}
 
 
 def _per_dataset(config, rows) -> dict:

@@ -34,8 +34,9 @@ def text_embeddings(
             # Cut texts train on their first tokenizer_max_length tokens only; the check
             # captions_fit_tokenizer_max_length shows them as a warning too.
             "texts over tokenizer_max_length": len(over_long),
-            **({"over-long texts": markdown_table(["caption (image file) or prompt", "tokens"],
-                                                  [list(item) for item in over_long[:50]])} if over_long else {}),
+            **({"over-long texts": markdown_table(
+                ["caption (image file) or prompt", "tokens"], [list(item) for item in over_long[:50]], total=len(over_long),
+                rest=f": {result.path} holds every text's token count (column tokens)")} if over_long else {}),
             **({"datasets": markdown_table(["dataset", "images (one caption each)", "encoded now"],
                                            [[d, c["captions"], c["encoded"]] for d, c in result.stats["datasets"].items()])}
                if "datasets" in result.stats else {}),

@@ -21,8 +21,7 @@ from .lora import target_modules
 from .memory import check_fits
 from .quantized_base import base_model_key, decided_precision, load_base_transformer, precision_estimates
 from .report import JsonValue, PathValue, image_markdown, loss_curve
-from .storage import combine_hashes, write_json_atomic
-from .text import read_embedding_index
+from .storage import combine_hashes, read_columns, write_json_atomic
 from .text_embeddings import cached_prompts
 
 SETTINGS = ("output_dir", *training.TRAINING_SETTINGS)
@@ -55,9 +54,11 @@ def training_samples(layout: Layout, named_datasets: bool = False) -> tuple[list
     # The two indexes, not the live manifest: a scan that lands mid-run cannot pair a latent
     # with a caption its cache never saw. Each index records the files it was built from.
     latents = {e.path: e for e in read_latent_index(layout.latent_index)}
-    texts = read_embedding_index(layout.embedding_index)
-    captions = {e.path: e.cache_key for e in texts if e.role == "caption"}
-    empty_keys = [e.cache_key for e in texts if e.role == "empty"]
+    # Three columns of the text index, not its rows: the texts themselves are not needed here.
+    texts = read_columns(layout.embedding_index, ["role", "path", "cache_key"], "text_embeddings")
+    roles, paths, keys = texts["role"], texts["path"], texts["cache_key"]
+    captions = {path: key for role, path, key in zip(roles, paths, keys, strict=True) if role == "caption"}
+    empty_keys = [key for role, key in zip(roles, keys, strict=True) if role == "empty"]
     if latents.keys() != captions.keys() or not empty_keys:
         only_images = sorted(latents.keys() - captions.keys())[:3]
         only_captions = sorted(captions.keys() - latents.keys())[:3]

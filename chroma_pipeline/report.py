@@ -59,9 +59,13 @@ def image_markdown(image: Image.Image | Path, title: str, max_width: int = 1024)
     return Markdown(f"![{title}](data:image/png;base64,{encoded})")
 
 
-def markdown_table(header: list[str], rows: list[list]) -> Markdown:
+def markdown_table(header: list[str], rows: list[list], total: int | None = None, rest: str = "") -> Markdown:
+    """A table of `rows`; when they are the first of `total`, a line under it says how many more and `rest`
+    (where to find them), so the metadata stays the same size however large the dataset."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell).replace("|", "\\|") for cell in row) + " |" for row in rows]
+    if total is not None and total > len(rows):
+        lines += ["", f"The first {len(rows):,} of {total:,}; {total - len(rows):,} more not shown{rest}."]
     return Markdown("\n".join(lines))
 
 

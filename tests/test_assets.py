@@ -42,6 +42,29 @@ def test_corrupt_and_uncaptioned_files_are_reported_not_dropped(small_project):
             f"first by name, with its caption {kept_caption!r}; zz-copy-1.png's caption 'a copy' is not used") in logged
 
 
+def test_thousands_of_skipped_files_show_the_first_200_and_count_the_rest(small_project):
+    # A 100k-image folder can skip thousands: the run log and the table name the first 200 and say how
+    # many more, so neither grows with the dataset (benchmarks/scale.py); the manifest lists them all.
+    dataset = small_project.parent / "dataset"
+    picture = sorted(dataset.glob("0*.png"))[0].read_bytes()
+    for i in range(203):
+        (dataset / f"zz-no-caption-{i:03d}.png").write_bytes(picture)
+    instance = DagsterInstance.ephemeral()
+    result = _materialize_raw(small_project, instance)
+    assert result.success
+    metadata = next(e for e in result.get_asset_materialization_events()
+                    if e.asset_key.to_user_string() == "raw_dataset/images").step_materialization_data.materialization.metadata
+    assert metadata["skipped"].value == 203 and metadata["skipped by reason"].value == {"no caption": 203}
+    table = metadata["skipped files"].value
+    manifest = metadata["manifest"].value
+    assert table.count("| zz-no-caption-") == 200 and "zz-no-caption-199.png" in table
+    assert f"The first 200 of 203; 3 more not shown: {manifest} lists every one with its reason." in table
+    logged = [entry.user_message for entry in instance.all_logs(result.run_id)]
+    assert sum(message.startswith("skipped zz-no-caption-") for message in logged) == 200
+    assert (f"... and 3 more skipped files, not logged one by one: {manifest} lists every file with its reason "
+            "('skipped by reason' counts them)") in logged
+
+
 def test_caption_sources_and_encoding_warnings_reach_the_dagster_log(small_project):
     dataset = small_project.parent / "dataset"
     sorted(dataset.glob("0*.txt"))[0].write_bytes("une légende".encode("latin-1"))

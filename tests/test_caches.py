@@ -318,6 +318,33 @@ def test_out_of_memory_halves_the_batch_instead_of_skipping_images():
         encode_with_backoff(_SmallMemoryVAE(limit=0), torch.zeros(1, 3, 8, 8), log=lambda _: None)
 
 
+def test_pairing_latents_with_captions_reads_three_columns_of_the_text_index_not_its_texts(tmp_path):
+    # What training (and every check on the adapter) calls first; at 100k images reading the whole text index
+    # held every caption once more (benchmarks/scale.py).
+    import gc
+    import tracemalloc
+
+    from chroma_pipeline.latents import LatentEntry, write_latent_index
+    from chroma_pipeline.lora_adapter import training_samples
+    from chroma_pipeline.text import EmbeddingEntry, write_embedding_index
+
+    layout, count = Layout(tmp_path), 20_000
+    write_latent_index([LatentEntry(f"{i:06d}.png", f"{i:064x}", 64, 64, f"{i:024x}") for i in range(count)],
+                       layout.latent_index)
+    captions = [EmbeddingEntry(f"{i:064x}", "caption", f"{-i:024x}", f"a long caption, as real ones are, number {i} " * 3,
+                               f"{i:06d}.png", 40) for i in range(count)]
+    write_embedding_index([*captions, EmbeddingEntry("e" * 64, "empty", "0" * 24, "", "", 2)], layout.embedding_index)
+    training_samples(layout)  # first-use allocations out of the way
+    gc.collect()
+    tracemalloc.start()
+    samples, empty = training_samples(layout)
+    held, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert empty == "0" * 24 and len(samples) == count
+    assert samples[7].latent.path == "000007.png" and samples[7].embedding_key == f"{-7:024x}"
+    assert (peak - held) / count < 400  # bytes per sample beyond the samples: 600 reading whole rows, 190 now
+
+
 @pytest.fixture
 def tensor_reads(monkeypatch):
     """Count every cached tensor file or shard body read (headers are not counted)."""

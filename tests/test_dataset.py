@@ -1,11 +1,14 @@
 """Scanning a dataset folder: every file accounted for, hashed by content."""
 
+import gc
+import tracemalloc
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from chroma_pipeline.dataset import ScanOptions, read_manifest, scan_dataset, usable, write_manifest
+from chroma_pipeline import storage
+from chroma_pipeline.dataset import ManifestRow, ScanOptions, read_manifest, scan_dataset, usable, write_manifest
 
 # The test images are 60-120 px: scan them at a resolution they cover without more upscaling
 # than maximum_upscale allows (at the default 1024 they would be skipped as too small).
@@ -87,6 +90,73 @@ def test_manifest_round_trips(tmp_path):
     rows = scan_dataset(tmp_path / "data", AT_64)
     write_manifest(rows, tmp_path / "manifest.parquet")
     assert read_manifest(tmp_path / "manifest.parquet") == rows
+
+
+def _many_rows(count: int) -> list[ManifestRow]:
+    return [ManifestRow(f"{i:06d}.png", "ok", "", f"{i:064x}", 64, 64, f"caption {i}", f"{-i:064x}", f"caption {i} ",
+                        "textfile") for i in range(count)]
+
+
+def test_a_large_manifest_round_trips_in_order_across_batches(tmp_path, monkeypatch):
+    monkeypatch.setattr(storage, "ROWS_PER_BATCH", 7)  # 3 batches and a part
+    rows = _many_rows(23)
+    write_manifest(rows, tmp_path / "manifest.parquet")
+    assert read_manifest(tmp_path / "manifest.parquet") == rows
+    write_manifest([], tmp_path / "empty.parquet")
+    assert read_manifest(tmp_path / "empty.parquet") == []
+
+
+def _python_peak(call):
+    """(result, bytes of Python objects it holds, peak bytes allocated during `call()`)."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        result = call()
+        held, peak = tracemalloc.get_traced_memory()
+        return result, held, peak
+    finally:
+        tracemalloc.stop()
+
+
+def test_writing_and_reading_an_index_holds_one_batch_of_rows_at_a_time_not_a_second_copy(tmp_path):
+    # At 100k images, converting every row at once held the manifest again (a dict per row on write,
+    # every row's dict on read): benchmarks/scale.py measured +300 MiB of RSS to read one.
+    write_manifest(_many_rows(10), tmp_path / "warm.parquet")  # Arrow's first-use allocations, out of the way
+    read_manifest(tmp_path / "warm.parquet")
+    rows, path = _many_rows(30_000), tmp_path / "manifest.parquet"  # 4 batches
+    _, _, writing = _python_peak(lambda: write_manifest(rows, path))
+    back, rows_size, reading = _python_peak(lambda: read_manifest(path))
+    assert back == rows
+    assert writing < 0.6 * rows_size  # was 0.83: every row's dict at once
+    assert reading < 1.35 * rows_size  # was 1.67: the rows, and every row's dict
+
+
+def test_the_scan_walks_names_in_the_order_paths_sort(tmp_path):
+    # By parts, so "a/x" comes before "a-b/x"; the first name is the duplicate kept.
+    root = tmp_path / "data"
+    for name in ("a-b/x.png", "a/x.png", "a.png"):
+        _image(root / name)
+    rows = scan_dataset(root, AT_64)
+    assert [row.path for row in rows] == ["a/x.png", "a-b/x.png", "a.png"]
+    assert rows[0].status == "ok" and all("duplicate of a/x.png" in row.skip_reason for row in rows[1:])
+
+
+def test_the_scan_holds_no_path_object_per_image_while_it_walks(tmp_path):
+    # 100k Path objects took ~100 MiB of RSS during a scan (benchmarks/scale.py); names are enough.
+    root = tmp_path / "data"
+    root.mkdir()
+    picture = root / "00000.png"
+    Image.new("RGB", (64, 64), "red").save(picture)
+    for i in range(2000):
+        name = f"{i:05d}"
+        (root / f"{name}.png").write_bytes(picture.read_bytes() + name.encode())  # distinct bytes, no duplicates
+        (root / f"{name}.txt").write_text(f"caption {i}")
+    scan_dataset(root, AT_64)  # first-use allocations (image plugins, caches) out of the way
+    rows, held, peak = _python_peak(lambda: scan_dataset(root, AT_64))
+    assert len(usable(rows)) == 2000
+    # Bytes per image beyond the rows it returns: 920 with a Path per image, 630 with names (most of it
+    # the folder listing that rglob holds).
+    assert (peak - held) / 2000 < 780
 
 
 def test_a_rescan_decodes_and_hashes_only_new_or_changed_images(tmp_path, monkeypatch):
