@@ -63,9 +63,10 @@ def fingerprint_dataset(root: Path, memo_path: Path | None = None) -> Fingerprin
     files: dict[str, str] = {}
     fresh: dict[str, list] = {}
     hashed = 0
+    resolved_dirs: dict = {}
     for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in WATCHED_SUFFIXES):
         relative = path.relative_to(root).as_posix()
-        if not is_inside(path, root):
+        if not is_inside(path, root, resolved_dirs):
             # Never read outside the dataset root (the scan skips such files too): where the link
             # points is what can change here.
             files[relative] = f"link:{os.readlink(path)}" if path.is_symlink() else "outside root"

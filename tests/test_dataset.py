@@ -154,9 +154,9 @@ def test_the_scan_holds_no_path_object_per_image_while_it_walks(tmp_path):
     scan_dataset(root, AT_64)  # first-use allocations (image plugins, caches) out of the way
     rows, held, peak = _python_peak(lambda: scan_dataset(root, AT_64))
     assert len(usable(rows)) == 2000
-    # Bytes per image beyond the rows it returns: 920 with a Path per image, 630 with names (most of it
-    # the folder listing that rglob holds).
-    assert (peak - held) / 2000 < 780
+    # Bytes per image beyond the rows it returns: ~1,100 with a Path per image, 810 with names: the folder
+    # listing rglob holds, and the memo of what each file decoded to (~180; its name and hash are the row's).
+    assert (peak - held) / 2000 < 950
 
 
 def test_a_rescan_decodes_and_hashes_only_new_or_changed_images(tmp_path, monkeypatch):
