@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .dataset import IMAGE_SUFFIXES, is_inside
+from .dataset import IMAGE_SUFFIXES, files_under, is_inside
 from .storage import combine_hashes, sha256_file, write_json_atomic
 
 # Everything the scan can read: images, caption files and metadata tables.
@@ -64,8 +64,8 @@ def fingerprint_dataset(root: Path, memo_path: Path | None = None) -> Fingerprin
     fresh: dict[str, list] = {}
     hashed = 0
     resolved_dirs: dict = {}
-    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in WATCHED_SUFFIXES):
-        relative = path.relative_to(root).as_posix()
+    for relative in files_under(root, WATCHED_SUFFIXES):
+        path = root / relative
         if not is_inside(path, root, resolved_dirs):
             # Never read outside the dataset root (the scan skips such files too): where the link
             # points is what can change here.

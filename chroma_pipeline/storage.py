@@ -13,7 +13,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import asdict
 from pathlib import Path
 
 import pyarrow as pa
@@ -126,8 +125,10 @@ def write_rows_atomic(rows: list, schema: pa.Schema, path: Path) -> None:
     """Write dataclass rows as one Parquet table, atomically, converting a batch of rows at a time."""
     with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
         for start in range(0, len(rows), ROWS_PER_BATCH):
-            batch = [asdict(row) for row in rows[start : start + ROWS_PER_BATCH]]
-            writer.write_table(pa.Table.from_pylist(batch, schema=schema))
+            batch = rows[start : start + ROWS_PER_BATCH]
+            # Column by column: a dict per row (dataclasses.asdict) took a tenth of a no-op re-run.
+            columns = [[getattr(row, name) for row in batch] for name in schema.names]
+            writer.write_batch(pa.record_batch(columns, schema=schema))
 
 
 def _must_exist(path: Path, made_by: str) -> None:

@@ -182,3 +182,16 @@ def test_a_rescan_decodes_and_hashes_only_new_or_changed_images(tmp_path, monkey
     assert read == ["b.png", "b.png"]  # decoded once and hashed once; c.png's pixels were not read again
     assert (again["b.png"].width, again["b.png"].height) == (64, 96) and again["c.png"].caption == "only the caption changed"
     assert again["broken.png"].skip_reason == "unreadable"  # a remembered failure is still reported
+
+
+def test_the_walk_lists_linked_files_for_checking_but_never_enters_a_linked_folder(tmp_path):
+    from chroma_pipeline.dataset import files_under
+
+    root, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    _image(root / "sub" / "kept.png")
+    _image(elsewhere / "secret.png")
+    (root / "link.png").symlink_to(elsewhere / "secret.png")
+    (root / "linked-folder").symlink_to(elsewhere, target_is_directory=True)
+    assert files_under(root, {".png"}) == ["link.png", "sub/kept.png"]
+    rows = scan_dataset(root, AT_64)
+    assert {row.path: row.status for row in rows} == {"link.png": "skipped", "sub/kept.png": "ok"}
