@@ -63,10 +63,10 @@ def fingerprint_dataset(root: Path, memo_path: Path | None = None) -> Fingerprin
     files: dict[str, str] = {}
     fresh: dict[str, list] = {}
     hashed = 0
-    resolved_dirs: dict = {}
-    for relative in files_under(root, WATCHED_SUFFIXES):
+    names, links = files_under(root, WATCHED_SUFFIXES)
+    for relative in names:
         path = root / relative
-        if not is_inside(path, root, resolved_dirs):
+        if relative in links and not is_inside(path, root):
             # Never read outside the dataset root (the scan skips such files too): where the link
             # points is what can change here.
             files[relative] = f"link:{os.readlink(path)}" if path.is_symlink() else "outside root"

@@ -192,6 +192,6 @@ def test_the_walk_lists_linked_files_for_checking_but_never_enters_a_linked_fold
     _image(elsewhere / "secret.png")
     (root / "link.png").symlink_to(elsewhere / "secret.png")
     (root / "linked-folder").symlink_to(elsewhere, target_is_directory=True)
-    assert files_under(root, {".png"}) == ["link.png", "sub/kept.png"]
+    assert files_under(root, {".png"}) == (["link.png", "sub/kept.png"], {"link.png"})
     rows = scan_dataset(root, AT_64)
     assert {row.path: row.status for row in rows} == {"link.png": "skipped", "sub/kept.png": "ok"}
