@@ -116,7 +116,7 @@ def main() -> None:
                 child = subprocess.run([sys.executable, __file__, "--child", tmp, "--mode", mode], capture_output=True,
                                        text=True, env=env)
                 if child.returncode:
-                    raise SystemExit(child.stderr[-3000:])
+                    raise SystemExit(f"{mode} failed (exit {child.returncode}):\n{child.stderr[-3000:]}")
                 runs[mode].append(json.loads(child.stdout.strip().splitlines()[-1]))
 
     def spread(values: list[float]) -> str:

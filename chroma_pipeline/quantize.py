@@ -386,12 +386,20 @@ def restore_kept_layers(model, path: Path) -> None:
         setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
 
 
+def _read_for_quanto(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors, each copied into memory of its own. quanto keeps the tensors it is
+    given as the weights, and those of one file share a buffer at the file's (unaligned) offsets: torch's
+    int8 matmul on the CPU crashed the process (SIGSEGV) on such a weight at T5-XXL's width."""
+    from safetensors.torch import load_file
+
+    return {name: tensor.clone() for name, tensor in load_file(str(path)).items()}
+
+
 def load_quantized(folder: Path, device: str):
     """Rebuild the transformer skeleton without allocating weights, then fill it from the saved file."""
     from accelerate import init_empty_weights
     from diffusers import ChromaTransformer2DModel
     from optimum.quanto import requantize
-    from safetensors.torch import load_file
 
     folder = Path(folder)
     if not is_complete(folder):
@@ -407,7 +415,7 @@ def load_quantized(folder: Path, device: str):
     shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
     state = {}
     for shard in shards:
-        state.update(load_file(str(folder / shard)))
+        state.update(_read_for_quanto(folder / shard))
     requantize(transformer, state, qmap, device=torch.device(device))
     transformer.eval()
     return transformer
@@ -438,11 +446,10 @@ def save_quantized_module(model, target: Path, manifest: dict) -> None:
 def load_quantized_module(skeleton, folder: Path, dtype: torch.dtype, device: str):
     """Fill `skeleton` (built on the meta device from the saved config) from `save_quantized_module`'s folder."""
     from optimum.quanto import requantize
-    from safetensors.torch import load_file
 
     folder = Path(folder)
     manifest = json.loads((folder / "manifest.json").read_text())
-    state = load_file(str(folder / "model.safetensors"))
+    state = _read_for_quanto(folder / "model.safetensors")
     skeleton.to(dtype)  # the layers quanto leaves alone (norms, embeddings) keep the dtype they were saved in
     requantize(skeleton, state, json.loads((folder / "quantization_map.json").read_text()), device=torch.device(device))
     for alias, name in manifest["tied"].items():  # requantize loads non-strictly: tie what was saved once

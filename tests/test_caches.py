@@ -260,6 +260,35 @@ def test_the_text_encoder_is_freed_when_the_step_returns_without_a_garbage_colle
         gc.enable()
 
 
+@pytest.mark.slow
+def test_an_8bit_t5_of_real_width_read_back_from_its_folder_encodes_as_the_fresh_one(tmp_path):
+    # At T5-XXL's width, torch's CPU int8 matmul crashed the process (SIGSEGV) on weights used in place
+    # from the safetensors file, whose tensors sit at unaligned offsets; the tiny T5 never showed it.
+    import torch
+    from transformers import T5Config, T5EncoderModel
+
+    from chroma_pipeline.text_embeddings import quantized_text_encoder
+
+    torch.manual_seed(0)
+    config = T5Config(d_model=4096, d_ff=10240, num_heads=64, d_kv=64, num_layers=1, vocab_size=32128,
+                      feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False)
+    with torch.device("meta"):
+        skeleton = T5EncoderModel(config)
+    skeleton.to_empty(device="cpu").to(torch.bfloat16)
+    for parameter in skeleton.parameters():
+        torch.nn.init.normal_(parameter, std=0.02)
+    skeleton.save_pretrained(tmp_path / "text_encoder")
+    del skeleton
+    layout, tokens = Layout(tmp_path / "output"), torch.tensor([[5, 9, 17, 1]])
+    fresh = quantized_text_encoder(tmp_path, layout, torch.bfloat16, "cpu", log=lambda _: None)
+    with torch.no_grad():
+        expected = fresh(tokens).last_hidden_state
+    del fresh
+    reloaded = quantized_text_encoder(tmp_path, layout, torch.bfloat16, "cpu", log=lambda _: None)
+    with torch.no_grad():
+        assert torch.equal(reloaded(tokens).last_hidden_state, expected)
+
+
 def test_cleanup_reclaims_only_what_no_index_uses(small_project):
     from chroma_pipeline.cleanup import main, reclaim, unreferenced_files
 
