@@ -54,7 +54,8 @@ def build_latents(config: ChromaConfig, layout: Layout, device: DeviceInfo, log=
         batch_size=config.vae_batch_size or (1 if device.kind == "cpu" else 4),
     )
     device.empty_cache()
-    write_latent_index(entries, layout.latent_index)
+    if entries != previous:  # an unchanged index is not rewritten: a no-op re-run writes nothing
+        write_latent_index(entries, layout.latent_index)
     buckets = Counter(f"{e.bucket_width}x{e.bucket_height}" for e in entries)
     stats.update(samples=len(entries), buckets=dict(sorted(buckets.items())))
     encoded_keys = stats.pop("encoded_keys")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from .config import ChromaConfig
 from .databackend import ImageDataset, sample_path
-from .dataset import ManifestRow, ScanOptions, duplicate_reason, reason_group, scan_dataset, usable, write_manifest
+from .dataset import ManifestRow, ScanOptions, duplicate_reason, read_manifest, reason_group, scan_dataset, usable, write_manifest
 from .errors import DatasetError
 from .layout import Layout, StepResult
 from .sources import scan_huggingface
@@ -96,6 +96,13 @@ def no_usable_sample_message(dataset: ImageDataset, rows: list[ManifestRow]) -> 
     return f"no usable sample in {dataset.describe()} ({dataset.root}: {detail}). " + " ".join(advice)
 
 
+def _manifest_holds(layout: Layout, rows: list[ManifestRow]) -> bool:
+    try:
+        return layout.manifest.is_file() and read_manifest(layout.manifest) == rows
+    except (OSError, ValueError, TypeError):  # unreadable, or written by an older version: write it again
+        return False
+
+
 def build_manifest(config: ChromaConfig, layout: Layout) -> tuple[StepResult, list[ManifestRow]]:
     # Duplicates are looked for inside each dataset only: the same folder listed twice at two
     # resolutions (SimpleTuner's multi-resolution recipe) is two datasets, not duplicates.
@@ -104,7 +111,8 @@ def build_manifest(config: ChromaConfig, layout: Layout) -> tuple[StepResult, li
     empty = [d for d in config.image_datasets if not any(r.dataset == d.id for r in ok)]
     if empty:
         raise DatasetError(no_usable_sample_message(empty[0], [row for row in rows if row.dataset == empty[0].id]))
-    write_manifest(rows, layout.manifest)
+    if not _manifest_holds(layout, rows):  # a no-op re-scan writes nothing
+        write_manifest(rows, layout.manifest)
     versions = DatasetVersions(
         images=combine_hashes(*sorted(f"{r.path}:{r.image_sha256}" for r in ok)),
         captions=combine_hashes(*sorted(f"{r.path}:{r.caption_sha256}" for r in ok)),

@@ -87,7 +87,8 @@ def build_embeddings(config: ChromaConfig, layout: Layout, device: DeviceInfo, l
         # The encoder was freed when encode_texts returned (it is in no reference cycle, so no gc.collect,
         # which took 0.3 s per run); the GPU allocator's cache still holds its memory until emptied.
         device.empty_cache()
-    write_embedding_index(entries, layout.embedding_index)
+    if entries != previous_entries:  # an unchanged index is not rewritten: a no-op re-run writes nothing
+        write_embedding_index(entries, layout.embedding_index)
     current = {e.cache_key for e in entries}
     stats.update(distinct_texts=len(current), dropped=len(previous - current))
     encoded_keys = stats.pop("encoded_keys")

@@ -462,3 +462,18 @@ def test_deep_cache_checks_read_every_tensor(small_project):
     write_config(small_project, {**values, "deep_cache_checks": True})
     latents_check, texts_check = _checks(small_project)
     assert latents_check.counts["read back"] == 9 and texts_check.counts["read back"] == 13
+
+
+def test_a_no_op_rerun_rewrites_no_index(small_project):
+    _run(small_project)
+    _run(small_project)  # the first re-run clears the "encoded by the last run" flags
+    output = small_project.parent / "output"
+    indexes = [output / "dataset" / "manifest.parquet", output / "cache" / "latents_index.parquet",
+               output / "cache" / "text_embeddings_index.parquet"]
+    written = [path.stat().st_mtime_ns for path in indexes]
+    _run(small_project)
+    assert [path.stat().st_mtime_ns for path in indexes] == written
+    caption = sorted((small_project.parent / "dataset").glob("*.txt"))[0]
+    caption.write_text("one caption rewritten")
+    _run(small_project)
+    assert [path.stat().st_mtime_ns != before for path, before in zip(indexes, written, strict=True)] == [True, False, True]
