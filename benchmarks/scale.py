@@ -226,7 +226,7 @@ def _size(path: Path) -> int:
 
 
 def _dagster_bytes(value) -> int:
-    from dagster._serdes import serialize_value
+    from dagster import serialize_value
 
     return len(serialize_value(value).encode())
 
