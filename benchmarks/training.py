@@ -177,7 +177,8 @@ def main() -> None:
         return f"{statistics.median(values):.3f}{unit} ({min(values):.3f}–{max(values):.3f})"
 
     print(f"rank-16 LoRA on all, batch 2, fp32, 256 px, CPU ({os.cpu_count()} cores), {args.runs} runs each, fresh "
-          f"process each, alternating; s/step over steps {WARMUP + 1}-{args.steps or STEPS}; load average before "
+          f"process each, alternating; s/step over steps "
+          f"{', '.join(f'{WARMUP + 1}-{args.steps or STEPS[size]} ({size})' for size in sizes)}; load average before "
           f"{load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}")
     print(f"{'model':<8}{'bare s/step':>26}{'ours s/step':>26}{'ours / bare':>26}")
     ratios = {}
