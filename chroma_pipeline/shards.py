@@ -60,7 +60,9 @@ class ShardStore:
         self._pending_keys: list[str] = []
         self._pending_bytes = 0
 
-    def get(self, key: str, names: tuple[str, ...]) -> dict[str, torch.Tensor] | None:
+    def _read(self, key: str, read):
+        """`read(handle)` on the open shard holding `key`; None if absent. A shard that fails once (missing,
+        truncated or foreign: safetensors refuses a file shorter than its header says) is not tried again."""
         shard = self.mapping.get(key)
         if shard is None or shard in self._broken:
             return None
@@ -68,29 +70,21 @@ class ShardStore:
             handle = self._open.get(shard) or self._open.setdefault(
                 shard, safe_open(str(self.folder / shard), framework="pt")
             )
-            return {name: handle.get_tensor(f"{key}/{name}") for name in names}
-        except Exception:  # missing, truncated or foreign file: recompute rather than trust it
+            return read(handle)
+        except Exception:  # recompute rather than trust it
             self._broken.add(shard)
             return None
+
+    def get(self, key: str, names: tuple[str, ...]) -> dict[str, torch.Tensor] | None:
+        return self._read(key, lambda handle: {name: handle.get_tensor(f"{key}/{name}") for name in names})
 
     def shapes(self, key: str, names: tuple[str, ...]) -> dict[str, tuple[tuple[int, ...], str]] | None:
-        """Each tensor's (shape, dtype) as the shard's header gives them, reading no tensor data; None if absent.
-
-        safetensors refuses to open a file shorter than its header says, so a truncated shard
-        is absent here too.
-        """
-        shard = self.mapping.get(key)
-        if shard is None or shard in self._broken:
-            return None
-        try:
-            handle = self._open.get(shard) or self._open.setdefault(
-                shard, safe_open(str(self.folder / shard), framework="pt")
-            )
+        """Each tensor's (shape, dtype) as the shard's header gives them, reading no tensor data; None if absent."""
+        def header(handle):
             slices = {name: handle.get_slice(f"{key}/{name}") for name in names}
             return {name: (tuple(piece.get_shape()), piece.get_dtype()) for name, piece in slices.items()}
-        except Exception:
-            self._broken.add(shard)
-            return None
+
+        return self._read(key, header)
 
     def put(self, key: str, tensors: dict[str, torch.Tensor], flush_when_full: bool = True) -> None:
         if not self._pending_keys:
