@@ -7,6 +7,7 @@ guidance against the negative prompt.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +15,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 LABEL_HEIGHT = 28
+MIN_CELL_WIDTH = 192
 # The settings that decide what a render shows; the renders made while training are tagged with them.
 VALIDATION_SETTINGS = (
     "validation_prompts", "validation_negative_prompt", "validation_seed", "validation_guidance_real",
@@ -80,8 +82,13 @@ def render(pipe, variant, prompts, embeddings, negative, seeds, guidance, steps,
 
 
 def assemble_grid(cells: list[Cell], prompts: list[str], seeds: list[int], guidance: float, steps: int) -> Image.Image:
-    """Rows are prompts; columns are seeds, each as a base | LoRA pair."""
-    size = cells[0].image.width, cells[0].image.height
+    """Rows are prompts; columns are seeds, each as a base | LoRA pair.
+
+    Renders narrower than MIN_CELL_WIDTH (the toy model's 64 px) are enlarged pixel for pixel,
+    so the labels fit and the pictures can be looked at; nothing is smoothed in.
+    """
+    scale = max(1, math.ceil(MIN_CELL_WIDTH / cells[0].image.width))
+    size = cells[0].image.width * scale, cells[0].image.height * scale
     columns = [(seed, variant) for seed in seeds for variant in ("base", "lora")]
     cell_w, cell_h = size[0], size[1] + LABEL_HEIGHT
     grid = Image.new("RGB", (cell_w * len(columns), cell_h * len(prompts)), "white")
@@ -91,7 +98,8 @@ def assemble_grid(cells: list[Cell], prompts: list[str], seeds: list[int], guida
     for row, prompt in enumerate(prompts):
         for column, (seed, variant) in enumerate(columns):
             x, y = column * cell_w, row * cell_h
-            grid.paste(lookup[(prompt, seed, variant)].image, (x, y + LABEL_HEIGHT))
+            picture = lookup[(prompt, seed, variant)].image
+            grid.paste(picture.resize(size, Image.Resampling.NEAREST), (x, y + LABEL_HEIGHT))
             excerpt = prompt if len(prompt) <= 40 else prompt[:37] + "..."
             draw.text((x + 3, y + 2), excerpt, fill="black", font=font)
             draw.text((x + 3, y + 14), f"{variant} seed {seed} cfg {guidance:g} {steps} steps", fill="dimgray", font=font)

@@ -16,7 +16,7 @@ from assets.definitions import materialize_chain
 from chroma_pipeline import models
 from chroma_pipeline.config import ConfigError, load_config
 from chroma_pipeline.device import detect_device
-from chroma_pipeline.grid import Cell, make_pipeline, render
+from chroma_pipeline.grid import MIN_CELL_WIDTH, Cell, assemble_grid, make_pipeline, render
 from chroma_pipeline.layout import Layout
 from chroma_pipeline.validation_grid import build_grid
 from tests.conftest import write_config
@@ -28,6 +28,19 @@ def test_a_cell_says_why_it_is_useless():
     assert Cell("p", 1, "lora", Image.new("RGB", (16, 16), "black")).problem == "all black"
     assert Cell("p", 1, "lora", Image.new("RGB", (16, 16), "grey")).problem == "blank (one flat colour)"
     assert Cell("p", 1, "lora", noise, non_finite=True).problem == "NaN/inf values"
+
+
+def test_small_renders_are_enlarged_pixel_for_pixel_so_labels_fit():
+    render_64 = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    cells = [Cell("a red circle", 1, variant, render_64) for variant in ("base", "lora")]
+    grid = assemble_grid(cells, ["a red circle"], [1], guidance=1.0, steps=8)
+    scale = MIN_CELL_WIDTH // 64
+    assert grid.width == 2 * 64 * scale
+    picture = grid.crop((0, grid.height - 64 * scale, 64 * scale, grid.height))
+    assert picture.tobytes() == render_64.resize((64 * scale, 64 * scale), Image.Resampling.NEAREST).tobytes()
+    # Renders already wide enough are pasted as they are.
+    grid = assemble_grid([Cell("p", 1, v, render_64.resize((256, 256))) for v in ("base", "lora")], ["p"], [1], 1.0, 8)
+    assert grid.width == 2 * 256
 
 
 @pytest.fixture(scope="module")
