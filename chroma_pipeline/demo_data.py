@@ -21,10 +21,13 @@ SHAPES = ("circle", "square", "triangle", "stripes")
 SIZES = {"square": (256, 256), "landscape": (384, 256), "portrait": (256, 384)}
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, size: tuple[int, int], colour, rng: random.Random) -> None:
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, size: tuple[int, int], colour, rng: random.Random,
+                scale: int = 1) -> None:
+    """The shape placed on a `size` picture, drawn `scale` times larger (to be scaled down, antialiased)."""
     w, h = size
     r = min(w, h) * rng.uniform(0.22, 0.34)
     cx, cy = w * rng.uniform(0.35, 0.65), h * rng.uniform(0.35, 0.65)
+    r, cx, cy = r * scale, cx * scale, cy * scale
     if shape == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=colour)
     elif shape == "square":
@@ -32,9 +35,9 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, size: tuple[int, int], co
     elif shape == "triangle":
         draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
     else:
-        stripe = max(8, int(r / 3))
-        for x in range(0, w, 2 * stripe):
-            draw.rectangle((x, 0, x + stripe - 1, h), fill=colour)
+        stripe = max(8, int(r / scale / 3)) * scale
+        for x in range(0, w * scale, 2 * stripe):
+            draw.rectangle((x, 0, x + stripe - 1, h * scale), fill=colour)
 
 
 def _gradient(size: tuple[int, int], start, end, direction: str) -> Image.Image:
@@ -65,7 +68,10 @@ def draw_picture(rng: random.Random, size, foreground: str | None = None, shape:
     else:
         image = Image.new("RGB", size, COLOURS[background])
         where = f"on a {background} background"
-    _draw_shape(ImageDraw.Draw(image), shape, size, COLOURS[foreground], rng)
+    # Drawn 4x larger and scaled down: antialiased edges, as in pictures that were not drawn pixel by pixel.
+    mask = Image.new("L", (size[0] * 4, size[1] * 4), 0)
+    _draw_shape(ImageDraw.Draw(mask), shape, size, 255, rng, scale=4)
+    image.paste(COLOURS[foreground], mask=mask.resize(size, Image.BOX))
     subject = f"{foreground} stripes" if shape == "stripes" else f"a {foreground} {shape}"
     return image, f"{subject} {where}"
 

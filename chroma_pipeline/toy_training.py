@@ -52,10 +52,10 @@ VAE_CONFIG = dict(
     out_channels=3,
     down_block_types=["DownEncoderBlock2D"] * 4,
     up_block_types=["UpDecoderBlock2D"] * 4,
-    block_out_channels=[16, 32, 64, 64],
+    block_out_channels=[8, 16, 32, 32],
     layers_per_block=1,
     latent_channels=16,
-    norm_num_groups=8,
+    norm_num_groups=4,
     sample_size=TOY_RESOLUTION,
     mid_block_add_attention=False,
     use_quant_conv=False,
@@ -128,7 +128,7 @@ def cosine_lr(step: int, steps: int, warmup: int) -> float:
 
 # --- VAE ------------------------------------------------------------------------------------------
 # Each step holds about as many pixels whatever the crop, so a step costs the same at every size.
-CROPS = ((32, 32), (32, 32), (48, 14), (64, 8))  # (crop side, batch)
+CROPS = ((32, 48), (32, 48), (48, 21), (64, 12))  # (crop side, batch)
 
 
 def crop_batch(rng: random.Random, side: int, batch: int) -> torch.Tensor:
@@ -147,6 +147,10 @@ def train_vae(seed: int, steps: int, lr: float = 2e-3, kl_weight: float = 1e-5):
 
     torch.manual_seed(seed)
     vae = AutoencoderKL(**VAE_CONFIG)
+    # A random encoder's posterior has std ~1, which drowns the latents and leaves the decoder
+    # nothing to learn from; starting it narrow (std ~0.02) lets reconstruction learn from step one.
+    with torch.no_grad():
+        vae.encoder.conv_out.bias[VAE_CONFIG["latent_channels"]:] = -8.0
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_lr(step, steps, warmup=min(50, steps)))
     rng = random.Random(f"vae-{seed}")
@@ -306,10 +310,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "toy_weights")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vae-steps", type=int, default=600)
-    parser.add_argument("--transformer-steps", type=int, default=1800)
+    parser.add_argument("--vae-steps", type=int, default=1800)
+    parser.add_argument("--transformer-steps", type=int, default=1200)
     parser.add_argument("--pictures", type=int, default=4096, help="captioned pictures the transformer trains on")
     parser.add_argument("--samples", type=Path, help="also save the held-out renders as one PNG here")
+    parser.add_argument("--vae", type=Path, help="a VAE folder this script wrote before: train only the transformer")
     # On cores other work also uses, one thread is faster than two: every op waits for the slower thread.
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -333,7 +338,12 @@ def main(argv: list[str] | None = None) -> dict:
     text_encoder = T5EncoderModel.from_pretrained(out / "text_encoder", use_safetensors=True).eval()
 
     mark = time.time()
-    vae = train_vae(args.seed, args.vae_steps)
+    if args.vae:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.vae, torch_dtype=torch.float32, use_safetensors=True).eval()
+    else:
+        vae = train_vae(args.seed, args.vae_steps)
     mark = lap("vae_training_s", mark)
     set_latent_factors(vae, args.seed)
     vae_metrics = {"psnr_db": vae_psnr(vae, args.seed), "shift_factor": vae.config.shift_factor,
