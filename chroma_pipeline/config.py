@@ -37,7 +37,9 @@ FLAVOUR_REPOS = {
     "hd": "lodestones/Chroma1-HD",
     "flash": "lodestones/Chroma1-Flash",
 }
-FLAVOURS = (*FLAVOUR_REPOS, "tiny")
+# Built locally, nothing downloaded: `tiny` (random weights, for tests) and `toy` (trained, draws shapes).
+LOCAL_FLAVOURS = ("tiny", "toy")
+FLAVOURS = (*FLAVOUR_REPOS, *LOCAL_FLAVOURS)
 KEEP_FULL_PRECISION = ("distilled_guidance_layer*", "x_embedder", "context_embedder", "proj_out", "norm_out*")
 
 # Settings that joined a cache key after artifacts keyed without them existed (see settings_hash).
@@ -55,7 +57,7 @@ class ChromaConfig(BaseModel):
     # --- model -------------------------------------------------------------------
     model_type: Literal["lora"] = "lora"
     model_family: Literal["chroma"] = "chroma"
-    model_flavour: Literal["base", "hd", "flash", "tiny"] = "base"
+    model_flavour: Literal["base", "hd", "flash", "tiny", "toy"] = "base"
     pretrained_model_name_or_path: str | None = None
     revision: str | None = None
     base_model_precision: Literal[
@@ -295,7 +297,7 @@ class ChromaConfig(BaseModel):
         """What to load: an explicit path or repo id wins over the flavour's repo."""
         if self.pretrained_model_name_or_path:
             return self.pretrained_model_name_or_path
-        return FLAVOUR_REPOS.get(self.model_flavour, "tiny")
+        return FLAVOUR_REPOS.get(self.model_flavour, self.model_flavour)
 
     def settings_hash(self, *keys: str) -> str:
         """A short stable hash of the named settings: the part of a cache key a setting owns.

@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 
 from .commands import dagster_dev_command
-from .config import FLAVOUR_REPOS, FLAVOURS, ChromaConfig, ConfigError, config_from_dict, load_config
+from .config import FLAVOUR_REPOS, FLAVOURS, LOCAL_FLAVOURS, ChromaConfig, ConfigError, config_from_dict, load_config
 from .dataset import IMAGE_SUFFIXES
 from .demo_data import demo_config
 from .device import DeviceInfo, detect_device
@@ -27,6 +27,7 @@ from .memory import AUTO_ORDER, AUTO_SHARE, choose_precision
 from .quantized_base import estimates_for
 from .storage import write_bytes_atomic
 from .tiny import TRANSFORMER_CONFIG as TINY_TRANSFORMER_CONFIG
+from .toy import TOY_GUIDANCE, TOY_RESOLUTION, TOY_WEIGHTS
 
 PRECISIONS = typing.get_args(ChromaConfig.model_fields["base_model_precision"].annotation)
 GIB = 2**30
@@ -114,12 +115,16 @@ def may_write(path: Path, args) -> bool:
 
 # --- what to propose --------------------------------------------------------------------------------
 def flavour_defaults(flavour: str) -> dict:
-    """Settings that depend on the flavour: the quickstart's and config defaults for real ones, the demo's for tiny."""
-    if flavour == "tiny":  # small and fast on a CPU: what `chroma-demo` trains
+    """Settings that depend on the flavour: the quickstart's and config defaults for real ones, the demo's for tiny and toy."""
+    if flavour in LOCAL_FLAVOURS:  # small and fast on a CPU: what `chroma-demo` trains
         demo = demo_config(Path("dataset"), Path("output"))
         keep = ("resolution", "learning_rate", "train_batch_size", "max_train_steps", "gradient_checkpointing",
                 "tokenizer_max_length", "validation_prompt", "validation_seed")
-        return {key: demo[key] for key in keep}
+        defaults = {key: demo[key] for key in keep}
+        if flavour == "toy":  # the resolution and guidance it was trained and measured at
+            defaults.update(resolution=TOY_RESOLUTION, validation_guidance_real=TOY_GUIDANCE,
+                            validation_prompt=["a red circle on a blue background", "a yellow square on a black background"])
+        return defaults
     fields = ChromaConfig.model_fields
     return {"resolution": 1024, "learning_rate": 2e-4, "train_batch_size": 1,
             "max_train_steps": fields["max_train_steps"].default, "gradient_checkpointing": True, "tokenizer_max_length": 512,
@@ -132,7 +137,9 @@ def transformer_config(flavour: str) -> dict:
     from diffusers import ChromaTransformer2DModel
 
     with init_empty_weights():  # meta device: nothing allocated
-        model = ChromaTransformer2DModel.from_config(TINY_TRANSFORMER_CONFIG if flavour == "tiny" else {})
+        local = {"tiny": TINY_TRANSFORMER_CONFIG,
+                 "toy": json.loads((TOY_WEIGHTS / "transformer" / "config.json").read_text())}
+        model = ChromaTransformer2DModel.from_config(local.get(flavour, {}))
     return {key: value for key, value in model.config.items() if not key.startswith("_")}
 
 
@@ -144,7 +151,7 @@ def propose_precision(settings: dict, device: DeviceInfo) -> tuple[str, str]:
     memory = "host RAM" if device.kind == "cpu" else "device memory"
     print(f"\nDevice: {device.name} ({device.kind}), {free / GIB:.1f} GiB of {memory} free; "
           f"auto may use {AUTO_SHARE:.0%} = {free * AUTO_SHARE / GIB:.1f} GiB.")
-    if device.kind == "cpu" and flavour != "tiny":
+    if device.kind == "cpu" and flavour not in LOCAL_FLAVOURS:
         print("  Training the real Chroma (8.9B parameters) on a CPU is impractically slow: write the config here if you "
               "like, but train on a CUDA/ROCm GPU or Apple MPS.")
     if "bitsandbytes" not in device.quantization_backends:
@@ -170,7 +177,8 @@ def propose_precision(settings: dict, device: DeviceInfo) -> tuple[str, str]:
 COMMENTS = {
     "model_type": "SimpleTuner's key names throughout; this trains a LoRA adapter",
     "model_family": "the Chroma1 model family",
-    "model_flavour": "base | hd | flash (lodestones/Chroma1-Base, -HD, -Flash) | tiny (offline test model)",
+    "model_flavour": "base | hd | flash (lodestones/Chroma1-Base, -HD, -Flash) | tiny (offline test model) | "
+                     "toy (offline, trained on 64 px shapes)",
     "instance_data_dir": "images with same-name .txt captions (or a metadata.jsonl); relative to this file",
     "data_backend_config": "SimpleTuner's dataloader file (datasets, captions, caches), beside this file",
     "output_dir": "manifest, caches, quantized model, adapter and grid go here; relative to this file",
@@ -262,7 +270,7 @@ def run(args) -> int:
     def question(text, default, parse, flag, given, show=str):
         return ask(text, default, parse, flag=flag, given=given, interactive=interactive, show=show)
 
-    flavour = question("Model flavour (base | hd | flash | tiny)", "base", choice(FLAVOURS), "--flavour", args.flavour)
+    flavour = question(f"Model flavour ({' | '.join(FLAVOURS)})", "base", choice(FLAVOURS), "--flavour", args.flavour)
     defaults = flavour_defaults(flavour)
     while True:
         dataset = Path(question("Dataset folder", ChromaConfig.model_fields["instance_data_dir"].default, str,
@@ -308,7 +316,7 @@ def run(args) -> int:
     if precision in ("nf4-bnb", "int8-bnb") and "bitsandbytes" not in device.quantization_backends:
         print(f"  note: {precision} will not run on this {device.kind} device; train on CUDA/ROCm")
     settings["base_model_precision"] = precision
-    settings.update(validation_guidance_real=1.0, validation_num_inference_steps=20)
+    settings.update(validation_guidance_real=defaults.get("validation_guidance_real", 1.0), validation_num_inference_steps=20)
     use_backends = args.multidatabackend or (interactive and question(
         "Write a multidatabackend.json (SimpleTuner's dataloader file) instead of instance_data_dir? (y/n)", False,
         yes_no, "--multidatabackend", None, show=lambda d: "y" if d else "n"))
@@ -329,7 +337,7 @@ def run(args) -> int:
     values = {key: settings[key] for key in ORDER if key in settings}
     why = f"configure proposed it: {reason}" if precision == proposal else f"your choice; configure proposed {proposal}"
     comments = {**COMMENTS, "base_model_precision": f"{why}. \"auto\" decides on the training machine itself"}
-    if values.get("model_flavour") == "tiny":
+    if values.get("model_flavour") in LOCAL_FLAVOURS:
         comments["learning_rate"] = "the demo's rate for the tiny model; the quickstart uses 2e-4 for the real Chroma"
     header = [f"Written by `chroma-pipeline configure` on {device.name} ({device.kind}).",
               f"Keys are SimpleTuner's; see README 'Config keys'. model_flavour {flavour}: "

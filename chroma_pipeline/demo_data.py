@@ -1,6 +1,7 @@
 """A generated demo dataset: coloured shapes in three aspect ratios, one `.txt` caption each.
 
-Nothing binary is committed; the same seed draws the same images.
+Nothing binary is committed; the same seed draws the same images. `draw_picture` draws one
+captioned picture of the same kind (also on gradient backgrounds): the `toy` flavour is trained on it.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 COLOURS = {
@@ -19,10 +21,13 @@ SHAPES = ("circle", "square", "triangle", "stripes")
 SIZES = {"square": (256, 256), "landscape": (384, 256), "portrait": (256, 384)}
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, size: tuple[int, int], colour, rng: random.Random) -> None:
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, size: tuple[int, int], colour, rng: random.Random,
+                scale: int = 1) -> None:
+    """The shape placed on a `size` picture, drawn `scale` times larger (to be scaled down, antialiased)."""
     w, h = size
     r = min(w, h) * rng.uniform(0.22, 0.34)
     cx, cy = w * rng.uniform(0.35, 0.65), h * rng.uniform(0.35, 0.65)
+    r, cx, cy = r * scale, cx * scale, cy * scale
     if shape == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=colour)
     elif shape == "square":
@@ -30,9 +35,45 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, size: tuple[int, int], co
     elif shape == "triangle":
         draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
     else:
-        stripe = max(8, int(r / 3))
-        for x in range(0, w, 2 * stripe):
-            draw.rectangle((x, 0, x + stripe - 1, h), fill=colour)
+        stripe = max(8, int(r / scale / 3)) * scale
+        for x in range(0, w * scale, 2 * stripe):
+            draw.rectangle((x, 0, x + stripe - 1, h * scale), fill=colour)
+
+
+def _gradient(size: tuple[int, int], start, end, direction: str) -> Image.Image:
+    w, h = size
+    along = {"horizontal": np.linspace(0, 1, w)[None, :], "vertical": np.linspace(0, 1, h)[:, None],
+             "diagonal": (np.linspace(0, 1, w)[None, :] + np.linspace(0, 1, h)[:, None]) / 2}[direction]
+    along = np.broadcast_to(along, (h, w))[..., None]
+    pixels = (1 - along) * np.array(start, float) + along * np.array(end, float)
+    return Image.fromarray(pixels.round().astype(np.uint8), "RGB")
+
+
+def draw_picture(rng: random.Random, size, foreground: str | None = None, shape: str | None = None,
+                 background: str | None = None, gradient: float = 0.25) -> tuple[Image.Image, str]:
+    """One shape on a plain (or, with probability `gradient`, a two-colour gradient) background, and its caption.
+
+    `size` is a side or (width, height); what is not given is drawn from `rng`, e.g.
+    "a red circle on a blue background", "green stripes on a black to white gradient background".
+    """
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    names = list(COLOURS)
+    foreground = foreground or rng.choice(names)
+    background = background or rng.choice([c for c in names if c != foreground])
+    shape = shape or rng.choice(SHAPES)
+    if rng.random() < gradient:
+        end = rng.choice([c for c in names if c not in (foreground, background)])
+        image = _gradient(size, COLOURS[background], COLOURS[end], rng.choice(["horizontal", "vertical", "diagonal"]))
+        where = f"on a {background} to {end} gradient background"
+    else:
+        image = Image.new("RGB", size, COLOURS[background])
+        where = f"on a {background} background"
+    # Drawn 4x larger and scaled down: antialiased edges, as in pictures that were not drawn pixel by pixel.
+    mask = Image.new("L", (size[0] * 4, size[1] * 4), 0)
+    _draw_shape(ImageDraw.Draw(mask), shape, size, 255, rng, scale=4)
+    image.paste(COLOURS[foreground], mask=mask.resize(size, Image.BOX))
+    subject = f"{foreground} stripes" if shape == "stripes" else f"a {foreground} {shape}"
+    return image, f"{subject} {where}"
 
 
 def make_demo_dataset(folder: Path, count: int = 36, seed: int = 0) -> list[Path]:

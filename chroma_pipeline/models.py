@@ -2,8 +2,8 @@
 
 Every source ends up as a local folder in the diffusers layout (model_index.json,
 transformer/, vae/, text_encoder/, tokenizer/, scheduler/) and every component is
-loaded from that folder with `from_pretrained(..., use_safetensors=True)`: the tiny
-flavour goes through exactly the code the real checkpoints use.
+loaded from that folder with `from_pretrained(..., use_safetensors=True)`: the tiny and
+toy flavours go through exactly the code the real checkpoints use.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from .config import FLAVOUR_REPOS, ChromaConfig
 from .errors import UserError
 from .storage import sha256_file, user_cache_file, write_json_atomic
 from .tiny import build_tiny_chroma
+from .toy import build_toy_chroma
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 # The settings that decide which weights a step loads, at which dtype: every model-reading step reads them.
@@ -26,6 +27,8 @@ MODEL_SETTINGS = ("model_flavour", "pretrained_model_name_or_path", "revision", 
 # Only what the pipeline needs, and only safetensors: nothing gets unpickled.
 _ALLOW = ["model_index.json", *(f"{name}/*" for name in COMPONENTS)]
 _NEVER = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.msgpack", "*.onnx*"]
+# The flavours built here instead of downloaded: each writes a diffusers folder.
+LOCAL_BUILDS = {"tiny": build_tiny_chroma, "toy": build_toy_chroma}
 
 
 class ModelSourceError(UserError, RuntimeError):
@@ -35,12 +38,12 @@ class ModelSourceError(UserError, RuntimeError):
 def resolve_model_dir(config: ChromaConfig, models_root: Path) -> Path:
     """A local diffusers folder for the configured model, downloading it if needed.
 
-    `tiny` is built under `models_root`; a local folder is used as is; a Hugging Face
-    id is fetched into the Hugging Face cache (HF_ENDPOINT and HF_HUB_OFFLINE apply).
+    `tiny` and `toy` are built under `models_root`; a local folder is used as is; a Hugging
+    Face id is fetched into the Hugging Face cache (HF_ENDPOINT and HF_HUB_OFFLINE apply).
     """
     source = config.model_source
-    if source == "tiny":
-        return build_tiny_chroma(Path(models_root) / "tiny")
+    if source in LOCAL_BUILDS:
+        return LOCAL_BUILDS[source](Path(models_root) / source)
     local = Path(source).expanduser()
     if local.is_file():
         return _from_single_file(local, config, Path(models_root))
@@ -80,11 +83,12 @@ def _from_single_file(path: Path, config: ChromaConfig, models_root: Path) -> Pa
             f"pretrained_model_name_or_path={str(path)!r} is a {path.suffix or 'suffix-less'} file; only .safetensors "
             "single files are loaded (other formats are pickles that can run code)"
         )
-    target = models_root / "single-file" / weights_digest(path)[:24]
+    # The VAE and T5 come from the flavour (tiny's and toy's VAEs differ): one conversion per pair.
+    target = models_root / "single-file" / f"{weights_digest(path)[:24]}-{config.model_flavour}"
     if (target / "transformer" / "config.json").is_file():
         return target
-    if config.model_flavour == "tiny":
-        base = build_tiny_chroma(models_root / "tiny")
+    if config.model_flavour in LOCAL_BUILDS:
+        base = LOCAL_BUILDS[config.model_flavour](models_root / config.model_flavour)
     else:
         base = _download(FLAVOUR_REPOS[config.model_flavour], config.revision,
                          ["model_index.json", *(f"{c}/*" for c in single_file.BASE_COMPONENTS)])

@@ -150,7 +150,7 @@ CONFIG_RULES: dict[str, Rule] = {
     # model
     "model_type": same("`lora` (full fine-tunes are not offered)"),
     "model_family": same("`chroma`"),
-    "model_flavour": same("base, hd, flash (and our offline tiny)"),
+    "model_flavour": same("base, hd, flash (and our offline tiny and toy)"),
     "pretrained_model_name_or_path": same("a Hub id, a local diffusers folder or one .safetensors file"),
     "revision": same(),
     "base_model_precision": same("int8/int4/int2/fp8-quanto, nf4-bnb, no_change (torchao and sdnq levels are refused "

@@ -96,7 +96,7 @@ def tiny_vocab() -> list[tuple[str, float]]:
 
 
 def _build_components():
-    from diffusers import AutoencoderKL, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+    from diffusers import AutoencoderKL, ChromaTransformer2DModel
     from transformers import T5Config, T5EncoderModel, T5TokenizerFast
 
     tokenizer = T5TokenizerFast(vocab=tiny_vocab(), extra_ids=0)
@@ -106,13 +106,18 @@ def _build_components():
     vae = AutoencoderKL(**VAE_CONFIG)
     torch.manual_seed(TINY_SEED + 2)
     text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), **T5_CONFIG))
-    # The same scheduler settings as the published Chroma1 checkpoints.
-    scheduler = FlowMatchEulerDiscreteScheduler(
+    return dict(transformer=transformer, vae=vae, text_encoder=text_encoder,
+                tokenizer=tokenizer, scheduler=chroma_scheduler())
+
+
+def chroma_scheduler():
+    """The same scheduler settings as the published Chroma1 checkpoints."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
         base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
     )
-    return dict(transformer=transformer, vae=vae, text_encoder=text_encoder,
-                tokenizer=tokenizer, scheduler=scheduler)
 
 
 def build_tiny_chroma(target: Path) -> Path:

@@ -135,7 +135,7 @@ def test_answers_typed_one_at_a_time_end_up_in_the_file(project, monkeypatch):
                     "int8-quanto", "n")
     assert configure.main([]) == 0
     assert [q.split(" [")[0] for q in asked] == [
-        "Model flavour (base | hd | flash | tiny)", "Dataset folder", "Output folder", "LoRA rank (network_rank)",
+        "Model flavour (base | hd | flash | tiny | toy)", "Dataset folder", "Output folder", "LoRA rank (network_rank)",
         "Training steps (max_train_steps)", "Validation prompt(s), separated by |", "Resolution in pixels",
         "Base model precision (base_model_precision)",
         "Write a multidatabackend.json (SimpleTuner's dataloader file) instead of instance_data_dir? (y/n)",
