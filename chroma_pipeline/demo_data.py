@@ -13,6 +13,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .demo_style import TRIGGER, stylise_dataset
+from .toy import TOY_GUIDANCE, TOY_RESOLUTION
+
 COLOURS = {
     "red": (220, 40, 40), "green": (40, 170, 70), "blue": (40, 80, 220), "yellow": (240, 210, 40),
     "purple": (140, 60, 190), "orange": (245, 140, 30), "white": (245, 245, 245), "black": (20, 20, 20),
@@ -113,7 +116,7 @@ def make_demo_dataset(folder: Path, count: int = 36, seed: int = 0) -> list[Path
 
 
 def demo_config(dataset_dir: Path, output_dir: Path) -> dict:
-    """A tiny-flavour config that runs the whole chain on 2 CPU cores in a few minutes."""
+    """A tiny-flavour config that runs the whole chain on 2 CPU cores in a few minutes: what tests build on."""
     return {
         "model_type": "lora",
         "model_family": "chroma",
@@ -140,11 +143,26 @@ def demo_config(dataset_dir: Path, output_dir: Path) -> dict:
     }
 
 
+def style_demo_config(dataset_dir: Path, output_dir: Path) -> dict:
+    """What `chroma-demo` trains: the `toy` Chroma (it draws) learning the ember style at its 64 px."""
+    return {
+        **demo_config(dataset_dir, output_dir),
+        "model_flavour": "toy",
+        "resolution": TOY_RESOLUTION,
+        "validation_guidance_real": TOY_GUIDANCE,  # where its held-out colours came out best
+        "validation_prompt": [f"a red circle on a blue background, {TRIGGER}",
+                              f"yellow stripes on a black background, {TRIGGER}",
+                              "a green square on a white background"],  # no trigger: should stay plain
+    }
+
+
 def write_demo(root: Path, count: int = 36) -> Path:
-    """Dataset + config under `root`; returns the config path."""
+    """Dataset (two pictures in three in the ember style) + config under `root`; returns the config path."""
     root = Path(root)
     make_demo_dataset(root / "dataset", count=count)
+    stylise_dataset(root / "dataset")
     config_path = root / "config.jsonc"
-    body = json.dumps(demo_config(Path("dataset"), Path("output")), indent=2)
-    config_path.write_text("// The demo: tiny Chroma, generated shapes, CPU. Paths are relative to this file.\n" + body + "\n")
+    body = json.dumps(style_demo_config(Path("dataset"), Path("output")), indent=2)
+    config_path.write_text("// The demo: the toy Chroma learns the ember style from generated shapes, on a CPU. "
+                           "Paths are relative to this file.\n" + body + "\n")
     return config_path
