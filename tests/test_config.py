@@ -60,7 +60,7 @@ def test_unknown_keys_give_one_warning_naming_them():
 @pytest.mark.parametrize(
     ("key", "value", "expected"),
     [
-        ("model_flavour", "turbo", "'base', 'hd', 'flash' or 'tiny'"),
+        ("model_flavour", "turbo", "'base', 'hd', 'flash', 'tiny' or 'toy'"),
         ("model_family", "flux", "'chroma'"),
         ("network_rank", 0, "greater than or equal to 1"),
         ("learning_rate", -1e-4, "greater than 0"),
