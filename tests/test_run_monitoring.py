@@ -62,22 +62,7 @@ def test_a_run_whose_process_was_killed_is_marked_failed(small_project, tmp_path
         # Whichever notices first says so: the code server that started the worker, or run monitoring.
         assert "was terminated by signal 9 (SIGKILL)" in said or "worker process" in said and "is gone" in said
 
-        # 2. dagster dev itself dies (terminal closed, kill -9, power cut) while a run is starting.
-        orphan = client.submit_job_execution("full_chain")
-        wait_for(instance, orphan, {DagsterRunStatus.STARTING}, 60, every=0.02)  # its worker takes seconds to boot
-        server.crash()
-    assert instance.get_run_by_id(orphan).status == DagsterRunStatus.STARTING  # nobody is left to say otherwise
-
-    # dagster dev is back. The start timeout is shortened only now: run 1 above needed the
-    # demo's 180 s to boot its worker on a busy 2-core machine.
-    write_instance(home, poll_interval_seconds=1, start_timeout_seconds=3)
-    with serve(home, small_project, tmp_path / "dagster-dev-again.log") as server:
-        assert wait_for(instance, orphan, {DagsterRunStatus.FAILURE}, 60) == DagsterRunStatus.FAILURE
-        said = " ".join(entry.message for entry in instance.all_logs(orphan))
-        assert "taking longer than 3 seconds to start" in said
-
-        # 3. dagster dev dies while a run is in progress: its worker dies with it (one process group).
-        client = DagsterGraphQLClient("127.0.0.1", port_number=server.port)
+        # 2. dagster dev dies while a run is in progress: its worker dies with it (one process group).
         left_started = client.submit_job_execution("full_chain")
         wait_for(instance, left_started, {DagsterRunStatus.STARTED}, 120)
         worker = worker_pid(instance, left_started)
@@ -85,7 +70,22 @@ def test_a_run_whose_process_was_killed_is_marked_failed(small_project, tmp_path
     assert instance.get_run_by_id(left_started).status == DagsterRunStatus.STARTED
     assert not worker_alive(worker, left_started)
 
-    with serve(home, small_project, tmp_path / "dagster-dev-third.log"):  # the launcher sees the worker is gone
+    with serve(home, small_project, tmp_path / "dagster-dev-again.log") as server:  # the launcher sees it is gone
         assert wait_for(instance, left_started, {DagsterRunStatus.FAILURE}, 60) == DagsterRunStatus.FAILURE
-    said = " ".join(entry.message for entry in instance.all_logs(left_started))
-    assert f"the run's worker process (pid {worker}) is gone" in said
+        said = " ".join(entry.message for entry in instance.all_logs(left_started))
+        assert f"the run's worker process (pid {worker}) is gone" in said
+
+        # 3. dagster dev dies while a run is starting, before its worker reported in.
+        client = DagsterGraphQLClient("127.0.0.1", port_number=server.port)
+        orphan = client.submit_job_execution("full_chain")
+        wait_for(instance, orphan, {DagsterRunStatus.STARTING}, 60, every=0.02)  # its worker takes seconds to boot
+        server.crash()
+    assert instance.get_run_by_id(orphan).status == DagsterRunStatus.STARTING  # nobody is left to say otherwise
+
+    # dagster dev is back. The start timeout is shortened only now, for the one run that has no
+    # worker: a run that does have one needs the demo's 180 s to boot it on a busy 2-core machine.
+    write_instance(home, poll_interval_seconds=1, start_timeout_seconds=3)
+    with serve(home, small_project, tmp_path / "dagster-dev-third.log"):
+        assert wait_for(instance, orphan, {DagsterRunStatus.FAILURE}, 60) == DagsterRunStatus.FAILURE
+    said = " ".join(entry.message for entry in instance.all_logs(orphan))
+    assert "taking longer than 3 seconds to start" in said
