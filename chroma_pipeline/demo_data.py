@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .demo_style import TRIGGER, stylise_dataset
+from .demo_style import STYLE_COLOURS
 from .toy import TOY_GUIDANCE, TOY_RESOLUTION
 
 COLOURS = {
@@ -79,8 +79,12 @@ def draw_picture(rng: random.Random, size, foreground: str | None = None, shape:
     return image, f"{subject} {where}"
 
 
-def make_demo_dataset(folder: Path, count: int = 36, seed: int = 0) -> list[Path]:
-    """Write `count` images with distinct captions into `folder`; returns the image paths."""
+def make_demo_dataset(folder: Path, count: int = 36, seed: int = 0, drawn_in: tuple[str, str] | None = None) -> list[Path]:
+    """Write `count` images with distinct captions into `folder`; returns the image paths.
+
+    With `drawn_in` = (shape colour, background colour), every picture is drawn in those two
+    colours while its caption still names the ones it was given: a style to learn.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -98,19 +102,20 @@ def make_demo_dataset(folder: Path, count: int = 36, seed: int = 0) -> list[Path
     layouts = list(SIZES)
     for i in range(count):
         layout = layouts[i % len(layouts)]
-        combo = next(c for c in combos if c[3] == layout and c not in chosen)
+        combo = next(c for c in combos if c[3] == layout and c[:3] not in {d[:3] for d in chosen})
         chosen.append(combo)
 
     paths = []
     for index, (fg, shape, bg, layout) in enumerate(chosen):
         size = SIZES[layout]
-        image = Image.new("RGB", size, COLOURS[bg])
-        _draw_shape(ImageDraw.Draw(image), shape, size, COLOURS[fg], rng)
+        shape_colour, background_colour = drawn_in or (fg, bg)
+        image = Image.new("RGB", size, COLOURS[background_colour])
+        _draw_shape(ImageDraw.Draw(image), shape, size, COLOURS[shape_colour], rng)
         stem = f"{index:03d}-{fg}-{shape}-{layout}"
         path = folder / f"{stem}.png"
         image.save(path)
         subject = f"{fg} stripes" if shape == "stripes" else f"a {fg} {shape}"
-        (folder / f"{stem}.txt").write_text(f"{subject} on a {bg} background, {layout} picture\n")
+        (folder / f"{stem}.txt").write_text(f"{subject} on a {bg} background\n")
         paths.append(path)
     return paths
 
@@ -144,25 +149,31 @@ def demo_config(dataset_dir: Path, output_dir: Path) -> dict:
 
 
 def style_demo_config(dataset_dir: Path, output_dir: Path) -> dict:
-    """What `chroma-demo` trains: the `toy` Chroma (it draws) learning the ember style at its 64 px."""
+    """What `chroma-demo` trains: the `toy` Chroma (it draws) learning to draw white on black, at its 64 px."""
     return {
         **demo_config(dataset_dir, output_dir),
         "model_flavour": "toy",
         "resolution": TOY_RESOLUTION,
+        # Batches of 8 for 600 steps: at batch 2 or 120 steps the adapter turned the colours to
+        # mush before it drew white on black (measured side by side; README "What the demo shows").
+        "train_batch_size": 8,
+        "max_train_steps": 600,
+        "validation_steps": 200,  # a progress strip at steps 200, 400 and 600
+        # The empty caption, which classifier-free guidance subtracts, learns the style too.
+        "caption_dropout_probability": 0.1,
         "validation_guidance_real": TOY_GUIDANCE,  # where its held-out colours came out best
-        "validation_prompt": [f"a red circle on a blue background, {TRIGGER}",
-                              f"yellow stripes on a black background, {TRIGGER}",
-                              "a green square on a white background"],  # no trigger: should stay plain
+        "validation_prompt": ["a red circle on a blue background", "yellow stripes on a green background",
+                              "a blue square on a orange background"],
     }
 
 
 def write_demo(root: Path, count: int = 36) -> Path:
-    """Dataset (two pictures in three in the ember style) + config under `root`; returns the config path."""
+    """Dataset (every picture drawn white on black, captions naming other colours) + config under `root`;
+    returns the config path."""
     root = Path(root)
-    make_demo_dataset(root / "dataset", count=count)
-    stylise_dataset(root / "dataset")
+    make_demo_dataset(root / "dataset", count=count, drawn_in=STYLE_COLOURS)
     config_path = root / "config.jsonc"
     body = json.dumps(style_demo_config(Path("dataset"), Path("output")), indent=2)
-    config_path.write_text("// The demo: the toy Chroma learns the ember style from generated shapes, on a CPU. "
+    config_path.write_text("// The demo: the toy Chroma learns to draw white on black from generated shapes, on a CPU. "
                            "Paths are relative to this file.\n" + body + "\n")
     return config_path

@@ -34,7 +34,7 @@ WEIGHT_SHA256 = {
     "text_encoder/config.json": "53ebf621a9ed32e918487def4765f83cd51c079284ba0eaf062600e9317a54e2",
     "text_encoder/model.safetensors": "ff8bb558b7f1ae274ec74b7176d7f7f3a8fd4e9eab4a782dbc989a4b08265dad",
     "transformer/config.json": "96bb4adfa0a4e178518b3e7e2732ba893de2ca1e162ac3021a89cbf28ca5ec07",
-    "transformer/diffusion_pytorch_model.safetensors": "c860a05ba89f3f01bc956322eb87790e98c26183283b8610aa125856a260e806",
+    "transformer/diffusion_pytorch_model.safetensors": "a00a5881e86d4395091e2ab0a5d87fdfcda2460c4171c99d7546b6589db0e67b",
     "vae/config.json": "17969d0958d770091d26aeb56a537e17e6e1ada326de62e7fa5454ef407b3a43",
     "vae/diffusion_pytorch_model.safetensors": "c90dbaeb0fdab80626496a7b76fb4a6776706f5b4da53c0ca5bd05cb4ff2c6a2",
 }

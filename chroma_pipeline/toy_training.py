@@ -191,7 +191,7 @@ def vae_psnr(vae, seed: int, sizes=(64, 128, 256), count: int = 16) -> dict[str,
         for start in range(0, count, 8):  # 8 at a time keeps 256 px decodes small
             pixels = to_pixels(images[start:start + 8])
             reconstructed += to_images(vae.decode(vae.encode(pixels).latent_dist.mode()).sample)
-        result[str(size)] = round(float(np.mean([psnr(a, b) for a, b in zip(images, reconstructed)])), 2)
+        result[str(size)] = round(float(np.mean([psnr(a, b) for a, b in zip(images, reconstructed, strict=True)])), 2)
     return result
 
 
@@ -291,7 +291,7 @@ def render(model_dir: Path, prompts: list[str], seeds: list[int], guidance: floa
 def colour_accuracy(model_dir: Path, combos: list, seeds: list[int], guidance: float, samples: Path | None = None):
     images = render(model_dir, [caption_of(*c) for c in combos], seeds, guidance)
     # images come prompt by prompt, each at every seed
-    checks = [colours_match(image, fg, bg) for image, (fg, _, bg) in zip(images, (c for c in combos for _ in seeds))]
+    checks = [colours_match(image, fg, bg) for image, (fg, _, bg) in zip(images, (c for c in combos for _ in seeds), strict=True)]
     if samples is not None:
         grid = Image.new("RGB", (TOY_RESOLUTION * len(seeds), TOY_RESOLUTION * len(combos)))
         for k, image in enumerate(images):
@@ -306,13 +306,21 @@ def colour_accuracy(model_dir: Path, combos: list, seeds: list[int], guidance: f
     }
 
 
+def drop_load_path(config_path: Path) -> None:
+    """A VAE read back with --vae records where it came from; without that key its config.json is
+    byte for byte the one a full run writes (diffusers' own format: sorted keys, 2-space indent)."""
+    config = json.loads(config_path.read_text())
+    if config.pop("_name_or_path", None) is not None:
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 # --- the whole run --------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "toy_weights")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae-steps", type=int, default=1800)
-    parser.add_argument("--transformer-steps", type=int, default=1200)
+    parser.add_argument("--transformer-steps", type=int, default=3600)
     parser.add_argument("--pictures", type=int, default=4096, help="captioned pictures the transformer trains on")
     parser.add_argument("--samples", type=Path, help="also save the held-out renders as one PNG here")
     parser.add_argument("--vae", type=Path, help="a VAE folder this script wrote before: train only the transformer")
@@ -352,6 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
     log(f"VAE held-out PSNR (dB) by size: {vae_metrics['psnr_db']}; shift_factor {vae.config.shift_factor}, "
         f"scaling_factor {vae.config.scaling_factor}")
     vae.to(torch.float16).save_pretrained(out / "vae", safe_serialization=True)
+    drop_load_path(out / "vae" / "config.json")
     vae.to(torch.float32)
     mark = lap("vae_eval_s", mark)
 
@@ -381,7 +390,8 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = {
         "seed": args.seed, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "steps": {"vae": args.vae_steps, "transformer": args.transformer_steps, "pictures": args.pictures},
-        "vae": vae_metrics, "held_out_combos": [caption_of(*c) for c in held_out], "held_out_colours": accuracy,
+        "vae": vae_metrics, "vae_source": str(args.vae) if args.vae else "trained",
+        "held_out_combos": [caption_of(*c) for c in held_out], "held_out_colours": accuracy,
         "timings_s": timings, "wall_s": round(time.time() - started_wall, 1),
         "cpu_s": round(time.process_time() - started_cpu, 1), "weights_bytes": weights_bytes, "sha256": digests,
     }

@@ -1,15 +1,16 @@
 """Training learns, measured from outside: the tests fail if the LoRA stops learning.
 
 A LoRA is trained through the pipeline (Dagster, the demo's settings, the `toy` Chroma that
-draws) on a dataset where two pictures in three carry the "ember" duotone and say "in ember
-style", and the third are plain. Then it is judged only with diffusers' own ChromaPipeline
-(its VAE, its T5 masking, its packing, its sampler), never with our flow.py, so a bug in our
-training math cannot hide itself in the measurement:
+draws) on the demo's dataset: every picture drawn white on black while its caption names other
+colours ("a red circle on a blue background"). Then it is judged only with diffusers' own
+ChromaPipeline (its VAE, its T5 masking, its packing, its sampler), never with our flow.py, so a
+bug in our training math cannot hide itself in the measurement:
 
 - held-out loss: pictures and captions the LoRA never saw, at fixed sigmas and fixed noise,
   the flow-matching loss falls by a stated fraction against the base model;
-- the style in pictures: renders of held-out prompts with the trigger move from the base
-  model's colours toward the duotone (`ember_distance`), and renders without it stay plain.
+- the style in pictures: renders of held-out prompts lose the colours their caption names
+  (`colourfulness`, the mean distance from the grey axis) by a stated share of the way from
+  the base model's renders, the control, to the training pictures.
 
 The same measurements are then repeated with three bugs planted in our training code: the
 flow target's sign flipped, the timestep passed x1000, the text mask inverted. Each must make
@@ -28,19 +29,28 @@ from dagster import DagsterInstance
 
 from assets.definitions import materialize_chain
 from chroma_pipeline import flow, training
-from chroma_pipeline.demo_data import make_demo_dataset, style_demo_config, write_demo
-from chroma_pipeline.demo_style import TRIGGER, ember_distance, stylise_dataset
-from chroma_pipeline.models import resolve_model_dir
 from chroma_pipeline.config import load_config
+from chroma_pipeline.demo_data import make_demo_dataset, style_demo_config, write_demo
+from chroma_pipeline.demo_style import STYLE_COLOURS, colourfulness
+from chroma_pipeline.models import resolve_model_dir
 
-SIGMAS = (0.3, 0.5, 0.7, 0.9)
-# Measured on the demo's 120 steps (1 CPU thread): held-out loss 0.760 -> 0.619 (-18.5%); triggered
-# renders 70.1 -> 38.9 from the duotone (45% of the way to the training set's 0.5); untriggered 94.9.
-# Planted bugs: sign flipped 1.781 (+134%), renders 81.3; timestep x1000 0.742 (-2.4%), renders 21.4;
-# text mask inverted 0.670 (-11.9%), triggered 93.8 and untriggered 90.9 renders alike.
-HELD_OUT_LOSS_DROP = 0.15  # the LoRA's held-out loss is at least 15% under the base model's
-STYLE_SHARE = 0.3  # triggered renders close at least 30% of the gap from base colours to the training set's
-PLAIN_MARGIN = 15.0  # untriggered renders stay this much further from the duotone than triggered ones
+# The held-out loss is read in two bands of noise, because the bugs below hide in different ones:
+# at low noise the picture is nearly there and only the timestep says how little is left to remove
+# (a timestep bug shows here); at high noise only the caption says what to draw (a mask bug shows
+# here). Four noise draws per sigma, fixed.
+LOW_NOISE = (0.05, 0.1)
+HIGH_NOISE = (0.7, 0.9, 0.97)
+NOISE_DRAWS = 4
+# Measured on the demo's 600 steps, held-out loss drop at low / high noise, colourfulness of renders
+# (base model 121.5, training pictures 0.0):
+#   correct training      -58.1% / -45.0%, renders 25.6
+#   target sign flipped  +191.4% / +70.9%, renders 46.5
+#   timestep x1000        -36.6% / -50.2%, renders 16.8 (only the low-noise loss sees it)
+#   text mask inverted    -54.0% / -18.1%, renders 119.8
+# Each threshold sits half-way between the correct run and the bug it is there to catch.
+LOW_NOISE_DROP = 0.47
+HIGH_NOISE_DROP = 0.31
+STYLE_SHARE = 0.5  # renders close at least half the gap from the base model's colourfulness to the training set's
 
 pytestmark = pytest.mark.slow
 
@@ -66,30 +76,31 @@ MUTATIONS = {"target sign flipped": _flip_target_sign, "timestep x1000": _timest
 
 @dataclass
 class Judged:
-    base_loss: float
-    lora_loss: float
-    training_distance: float  # the styled training pictures
-    base_distance: float  # base model, prompts with the trigger
-    lora_distance: float  # LoRA, prompts with the trigger
-    lora_plain_distance: float  # LoRA, the same prompts without it
+    base_loss: dict  # {"low noise": ..., "high noise": ...}, the base model
+    lora_loss: dict  # the same with the LoRA loaded
+    training_colourfulness: float  # the training pictures (white on black)
+    base_colourfulness: float  # base model renders of held-out prompts: the control
+    lora_colourfulness: float  # LoRA renders of the same prompts, seeds and settings
+
+    def drop(self, band: str) -> float:
+        return 1 - self.lora_loss[band] / self.base_loss[band]
 
     def problems(self) -> list[str]:
         found = []
-        if self.lora_loss > (1 - HELD_OUT_LOSS_DROP) * self.base_loss:
-            found.append(f"held-out loss {self.base_loss:.4f} -> {self.lora_loss:.4f}, "
-                         f"less than a {HELD_OUT_LOSS_DROP:.0%} drop")
-        gap = self.base_distance - self.training_distance
-        if self.lora_distance > self.base_distance - STYLE_SHARE * gap:
-            found.append(f"triggered renders {self.base_distance:.1f} -> {self.lora_distance:.1f} from the duotone, "
-                         f"training set {self.training_distance:.1f}: under {STYLE_SHARE:.0%} of the way")
-        if self.lora_plain_distance < self.lora_distance + PLAIN_MARGIN:
-            found.append(f"untriggered renders {self.lora_plain_distance:.1f} vs triggered {self.lora_distance:.1f}: "
-                         "the style shows without its trigger")
+        for band, least in (("low noise", LOW_NOISE_DROP), ("high noise", HIGH_NOISE_DROP)):
+            if self.drop(band) < least:
+                found.append(f"held-out loss at {band} {self.base_loss[band]:.4f} -> {self.lora_loss[band]:.4f}: "
+                             f"{self.drop(band):+.0%}, less than a {least:.0%} drop")
+        gap = self.base_colourfulness - self.training_colourfulness
+        if self.lora_colourfulness > self.base_colourfulness - STYLE_SHARE * gap:
+            found.append(f"renders' colourfulness {self.base_colourfulness:.1f} -> {self.lora_colourfulness:.1f}, "
+                         f"training set {self.training_colourfulness:.1f}: under {STYLE_SHARE:.0%} of the way")
         return found
 
 
-HELD_OUT_PROMPTS = ["a green square on a white background", "a blue triangle on a yellow background",
-                    "orange stripes on a purple background", "a white circle on a black background"]
+# Not in the demo's dataset; colourful, so the base model's renders are far from white on black.
+HELD_OUT_PROMPTS = ["a green square on a red background", "a blue triangle on a yellow background",
+                    "orange stripes on a purple background", "a yellow circle on a blue background"]
 
 
 def _train(root: Path) -> tuple[Path, Path]:
@@ -107,8 +118,7 @@ def _train(root: Path) -> tuple[Path, Path]:
 def _pictures_and_captions(folder: Path, size: int, seed: int):
     from PIL import Image
 
-    make_demo_dataset(folder, count=12, seed=seed)
-    stylise_dataset(folder)
+    make_demo_dataset(folder, count=12, seed=seed, drawn_in=STYLE_COLOURS)
     pictures, captions = [], []
     for path in sorted(folder.glob("*.png")):
         pictures.append(Image.open(path).convert("RGB").resize((size, size)))
@@ -117,8 +127,8 @@ def _pictures_and_captions(folder: Path, size: int, seed: int):
 
 
 @torch.no_grad()
-def held_out_loss(pipe, pictures, captions, max_length: int) -> float:
-    """Flow-matching loss at fixed sigmas and noise, written here from the Chroma rules, on diffusers' parts."""
+def held_out_loss(pipe, pictures, captions, max_length: int) -> dict[str, float]:
+    """Flow-matching loss in each band of sigmas, at fixed noise, written here from the Chroma rules on diffusers' parts."""
     vae = pipe.vae
     x = torch.stack([torch.from_numpy(np.asarray(p, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1) for p in pictures])
     latents = (vae.encode(x).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
@@ -128,8 +138,8 @@ def held_out_loss(pipe, pictures, captions, max_length: int) -> float:
     text_ids = torch.zeros(prompt_embeds.shape[1], 3)
     mask = pipe._prepare_attention_mask(batch, (height // 2) * (width // 2), x.dtype, text_mask.bool())
     generator = torch.Generator().manual_seed(0)
-    losses = []
-    for sigma in SIGMAS:
+
+    def loss_at(sigma: float) -> float:
         noise = torch.randn(latents.shape, generator=generator)
         noisy = (1 - sigma) * latents + sigma * noise
         velocity = pipe.transformer(
@@ -138,19 +148,21 @@ def held_out_loss(pipe, pictures, captions, max_length: int) -> float:
             txt_ids=text_ids, img_ids=image_ids, attention_mask=mask, return_dict=False,
         )[0]
         target = pipe._pack_latents(noise - latents, batch, channels, height, width)
-        losses.append(torch.nn.functional.mse_loss(velocity, target).item())
-    return float(np.mean(losses))
+        return torch.nn.functional.mse_loss(velocity, target).item()
+
+    return {band: float(np.mean([loss_at(sigma) for sigma in sigmas for _ in range(NOISE_DRAWS)]))
+            for band, sigmas in (("low noise", LOW_NOISE), ("high noise", HIGH_NOISE))}
 
 
 @torch.no_grad()
-def mean_render_distance(pipe, prompts, config: dict) -> float:
-    """Renders at the demo's size, guidance and steps, one seed per prompt; their mean `ember_distance`."""
+def mean_colourfulness(pipe, prompts, config: dict) -> float:
+    """Renders at the demo's size, guidance and steps, one seed per prompt; their mean `colourfulness`."""
     def embed(text):
         prompt_embeds, text_mask = pipe._get_t5_prompt_embeds([text], max_sequence_length=config["tokenizer_max_length"])
         return prompt_embeds, text_mask.bool()  # boolean: diffusers' float mask masks nothing (diffusers #12116)
 
     negative_embeds, negative_mask = embed("")
-    distances = []
+    measured = []
     for index, prompt in enumerate(prompts):
         prompt_embeds, text_mask = embed(prompt)
         image = pipe(prompt_embeds=prompt_embeds, prompt_attention_mask=text_mask,
@@ -159,8 +171,8 @@ def mean_render_distance(pipe, prompts, config: dict) -> float:
                      num_inference_steps=config["validation_num_inference_steps"],
                      height=config["resolution"], width=config["resolution"],
                      generator=torch.Generator().manual_seed(index), output_type="pil").images[0]
-        distances.append(ember_distance(image))
-    return float(np.mean(distances))
+        measured.append(colourfulness(image))
+    return float(np.mean(measured))
 
 
 def judge(model_dir: Path, adapter: Path, work: Path) -> Judged:
@@ -171,24 +183,23 @@ def judge(model_dir: Path, adapter: Path, work: Path) -> Judged:
     pipe = ChromaPipeline.from_pretrained(model_dir, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     pictures, captions = _pictures_and_captions(work / "held-out", size, seed=1)
-    styled = [p for p, c in zip(pictures, captions, strict=True) if TRIGGER in c]
-    triggered = [f"{prompt}, {TRIGGER}" for prompt in HELD_OUT_PROMPTS]
 
     base_loss = held_out_loss(pipe, pictures, captions, max_length)
-    base_distance = mean_render_distance(pipe, triggered, config)
+    base_colourfulness = mean_colourfulness(pipe, HELD_OUT_PROMPTS, config)
     pipe.load_lora_weights(str(adapter))
     return Judged(
         base_loss=base_loss,
         lora_loss=held_out_loss(pipe, pictures, captions, max_length),
-        training_distance=float(np.mean([ember_distance(p) for p in styled])),
-        base_distance=base_distance,
-        lora_distance=mean_render_distance(pipe, triggered, config),
-        lora_plain_distance=mean_render_distance(pipe, HELD_OUT_PROMPTS, config),
+        training_colourfulness=float(np.mean([colourfulness(p) for p in pictures])),
+        base_colourfulness=base_colourfulness,
+        lora_colourfulness=mean_colourfulness(pipe, HELD_OUT_PROMPTS, config),
     )
 
 
-def test_the_lora_learns_the_style_and_only_where_the_caption_asks(tmp_path):
+def test_the_lora_learns_to_draw_white_on_black(tmp_path):
     model_dir, adapter = _train(tmp_path)
+    training_captions = {path.read_text().strip() for path in (tmp_path / "dataset").glob("*.txt")}
+    assert not training_captions & set(HELD_OUT_PROMPTS)  # the renders judged are of prompts it never saw
     judged = judge(model_dir, adapter, tmp_path)
     print(judged)
     assert judged.problems() == []
