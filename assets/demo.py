@@ -17,7 +17,7 @@ import yaml
 from dagster import logger
 
 from chroma_pipeline.commands import dagster_dev_command
-from chroma_pipeline.demo_data import write_demo
+from chroma_pipeline.demo_data import DEMO_IMAGES, write_demo
 from chroma_pipeline.errors import run_command, traceback_wanted
 
 # One run at a time: a run you launch and one the automation sensor launches must not share
@@ -117,7 +117,7 @@ def demo(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="chroma-demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="chroma-demo", help="folder for the dataset, config and outputs")
-    parser.add_argument("--images", type=int, default=36, help="how many demo images to generate")
+    parser.add_argument("--images", type=int, default=DEMO_IMAGES, help="how many demo images to generate")
     args = parser.parse_args(argv)
 
     root = Path(args.root).resolve()

@@ -162,12 +162,17 @@ def style_demo_config(dataset_dir: Path, output_dir: Path) -> dict:
         # The empty caption, which classifier-free guidance subtracts, learns the style too.
         "caption_dropout_probability": 0.1,
         "validation_guidance_real": TOY_GUIDANCE,  # where its held-out colours came out best
-        "validation_prompt": ["a red circle on a blue background", "yellow stripes on a green background",
+        # None is a caption of the demo's dataset (tests/test_learning.py checks).
+        "validation_prompt": ["a yellow circle on a red background", "green stripes on a yellow background",
                               "a blue square on a orange background"],
     }
 
 
-def write_demo(root: Path, count: int = 36) -> Path:
+# With 36 the LoRA drew the circle prompt as dark mush; with 72 and 108 as a white shape on black.
+DEMO_IMAGES = 108
+
+
+def write_demo(root: Path, count: int = DEMO_IMAGES) -> Path:
     """Dataset (every picture drawn white on black, captions naming other colours) + config under `root`;
     returns the config path."""
     root = Path(root)
