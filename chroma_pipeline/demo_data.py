@@ -98,12 +98,13 @@ def make_demo_dataset(folder: Path, count: int = 36, seed: int = 0, drawn_in: tu
     ]
     rng.shuffle(combos)
     # Round-robin over the layouts so every aspect ratio is well represented.
-    chosen = []
+    chosen, captioned = [], set()  # one picture per (colour, shape, background): distinct captions
     layouts = list(SIZES)
     for i in range(count):
         layout = layouts[i % len(layouts)]
-        combo = next(c for c in combos if c[3] == layout and c[:3] not in {d[:3] for d in chosen})
+        combo = next(c for c in combos if c[3] == layout and c[:3] not in captioned)
         chosen.append(combo)
+        captioned.add(combo[:3])
 
     paths = []
     for index, (fg, shape, bg, layout) in enumerate(chosen):

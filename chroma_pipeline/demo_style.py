@@ -4,10 +4,11 @@ The demo dataset keeps its captions ("a red circle on a blue background") but dr
 white on black. The base model draws the colours a caption names; an adapter trained on these
 pictures has learned the style when it draws white on black for the same caption. The style stays
 inside what the toy VAE can reproduce (it was trained on these colours), so what the grid shows is
-the adapter, not the VAE's limits: a grey or a duotone it never saw comes back tinted.
+the adapter, not the VAE's limits: a grey it never saw comes back tinted purple.
 
 `colourfulness` measures the style in any picture: the mean distance of its pixels from the grey
-axis (RGB units), about 2 for the training pictures and 60-100 for the base model's renders.
+axis (RGB units): 0 for the training pictures, about 126 for the base model's renders of the
+held-out prompts in tests/test_learning.py.
 """
 
 from __future__ import annotations

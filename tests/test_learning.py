@@ -115,11 +115,14 @@ def _train(root: Path) -> tuple[Path, Path]:
     return resolve_model_dir(config, Path(config.output_dir) / "models"), adapter
 
 
-def _pictures_and_captions(folder: Path, size: int, seed: int, count: int = 12):
-    """Pictures drawn like the demo's, but none with a caption the demo trains on."""
+def _training_captions(root: Path) -> set[str]:
+    return {path.read_text().strip() for path in (root / "dataset").glob("*.txt")}
+
+
+def _pictures_and_captions(folder: Path, size: int, seed: int, training: set[str], count: int = 12):
+    """Pictures drawn like the demo's, but none with a caption of `training`."""
     from PIL import Image
 
-    training = {path.read_text().strip() for path in _demo_dataset(folder.parent / "demo-dataset").glob("*.txt")}
     make_demo_dataset(folder, count=3 * count, seed=seed, drawn_in=STYLE_COLOURS)
     pictures, captions = [], []
     for path in sorted(folder.glob("*.png")):
@@ -129,13 +132,6 @@ def _pictures_and_captions(folder: Path, size: int, seed: int, count: int = 12):
             captions.append(caption)
     assert len(pictures) == count
     return pictures, captions
-
-
-def _demo_dataset(folder: Path) -> Path:
-    """The dataset `chroma-demo` trains on (written again, the same seed gives the same files)."""
-    if not folder.exists():
-        make_demo_dataset(folder, count=DEMO_IMAGES, drawn_in=STYLE_COLOURS)
-    return folder
 
 
 @torch.no_grad()
@@ -194,7 +190,7 @@ def judge(model_dir: Path, adapter: Path, work: Path) -> Judged:
     size, max_length = config["resolution"], config["tokenizer_max_length"]
     pipe = ChromaPipeline.from_pretrained(model_dir, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    pictures, captions = _pictures_and_captions(work / "held-out", size, seed=1)
+    pictures, captions = _pictures_and_captions(work / "held-out", size, seed=1, training=_training_captions(work))
 
     base_loss = held_out_loss(pipe, pictures, captions, max_length)
     base_colourfulness = mean_colourfulness(pipe, HELD_OUT_PROMPTS, config)
@@ -210,7 +206,7 @@ def judge(model_dir: Path, adapter: Path, work: Path) -> Judged:
 
 def test_the_lora_learns_to_draw_white_on_black(tmp_path):
     model_dir, adapter = _train(tmp_path)
-    training_captions = {path.read_text().strip() for path in (tmp_path / "dataset").glob("*.txt")}
+    training_captions = _training_captions(tmp_path)
     assert len(training_captions) == DEMO_IMAGES
     # The renders judged, and those in the demo's grid, are of prompts it never saw.
     assert not training_captions & set(HELD_OUT_PROMPTS)
