@@ -169,7 +169,8 @@ def style_demo_config(dataset_dir: Path, output_dir: Path) -> dict:
     }
 
 
-# With 36 the LoRA drew the circle prompt as dark mush; with 72 and 108 as a white shape on black.
+# With 36 the LoRA drew "a red circle on a blue background" as dark mush; with 72 and 108 as a white
+# shape on black.
 DEMO_IMAGES = 108
 
 
